@@ -1,0 +1,187 @@
+"""`gpustack run | validate | init | info | demo`.
+
+Startup stays light: `--help`, `validate` and `init` never import torch. User mistakes end with one message on
+stderr and a non-zero exit status; a traceback means a bug in gpustack.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from gpustack import __version__
+from gpustack.errors import ConfigError, GpustackError
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _steps_arg(value: str | None) -> list[str] | None:
+    return [s.strip() for s in value.split(",") if s.strip()] if value else None
+
+
+def _load(args: argparse.Namespace):
+    from gpustack.config import load_workflow, parse_memory
+
+    overrides = {}
+    if getattr(args, "batch_size", None):
+        overrides["batch_size"] = args.batch_size
+    if getattr(args, "memory_budget", None):
+        try:
+            parse_memory(args.memory_budget)
+        except ValueError as exc:
+            raise ConfigError(str(exc), key="--memory-budget") from None
+        overrides["memory_budget"] = args.memory_budget
+    if getattr(args, "output_dir", None):
+        overrides["output_dir"] = str(Path(args.output_dir).resolve())
+    return load_workflow(args.params, steps=_steps_arg(getattr(args, "steps", None)),
+                         device=getattr(args, "device", None), overrides=overrides)
+
+
+def _describe(prepared) -> None:
+    wf = prepared.workflow
+    first = next(iter(prepared.sources.values()))
+    _log(f"project: {wf.project_dir}")
+    _log(f"input: {prepared.input_label}, {len(wf.channels)} channel(s) {list(wf.channels)}, {len(first)} slices of "
+         f"{first.shape[1]}x{first.shape[0]} {first.dtype}")
+    for step, shape_in, shape_out in zip(prepared.steps, prepared.shapes, prepared.shapes[1:]):
+        _log(f"  {step.name}: {shape_in[1]}x{shape_in[0]} -> {shape_out[1]}x{shape_out[0]}")
+    if wf.history:
+        _log(f"history (done, skipped): {', '.join(wf.history)}")
+    for note in prepared.notes:
+        _log(f"note: {note}")
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from gpustack.pipeline.runner import prepare
+
+    prepared = prepare(_load(args))
+    _describe(prepared)
+    _log(f"{args.params}: valid")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from gpustack.pipeline.runner import prepare, run
+
+    workflow = _load(args)
+    prepared = prepare(workflow)  # everything checked before the device or any slice is touched
+    from gpustack.device import resolve_device
+
+    choice = resolve_device(workflow.device)
+    if not args.quiet:
+        _describe(prepared)
+        _log(f"device: {choice.description} ({choice.reason})")
+    summary = run(prepared, device_choice=choice, overwrite=args.overwrite, show_progress=not args.quiet,
+                  log=_log if not args.quiet else (lambda m: None))
+    if summary.ran:
+        rate = summary.slices * summary.channels / summary.seconds if summary.seconds else 0
+        _log(f"done: {', '.join(summary.ran)} on {summary.slices} slices x {summary.channels} channel(s) in "
+             f"{summary.seconds:.2f} s ({rate:.1f} slices/s) -> {summary.process_dir}")
+    return 0
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from gpustack.template import render_template
+
+    folder = Path(args.dir)
+    if not folder.is_dir():
+        raise ConfigError(f"no such folder: {folder}")
+    target = folder / "params.toml"
+    if target.exists() and not args.force:
+        raise ConfigError(f"{target} exists; pass --force to replace it")
+    channels = args.channels.split(",") if args.channels else None
+    tmp = target.with_name(".params.toml.tmp")
+    tmp.write_text(render_template(channels=channels))
+    tmp.replace(target)
+    _log(f"wrote {target}; edit it, then: gpustack validate {target}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import platform
+
+    import numpy
+    import tifffile
+    import torch
+
+    from gpustack.device import resolve_device
+    from gpustack.steps import PYSTACK3D_STEPS, REGISTRY
+
+    print(f"gpustack {__version__}  python {platform.python_version()}  torch {torch.__version__}  "
+          f"numpy {numpy.__version__}  tifffile {tifffile.__version__}")
+    print(f"torch CUDA build: {torch.version.cuda or 'none'}; CPU threads: {torch.get_num_threads()}")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            print(f"  cuda:{i}: {p.name}, {p.total_memory / 2**30:.1f} GiB, compute {p.major}.{p.minor}")
+    choice = resolve_device("auto")
+    print(f"auto device: {choice.description} ({choice.reason})")
+    print("steps: " + ", ".join(f"{s}{'' if s in REGISTRY else ' (not yet)'}" for s in PYSTACK3D_STEPS))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from gpustack.demo import run_demo
+
+    return run_demo(Path(args.dir), device=args.device, slices=args.slices, size=args.size, quiet=args.quiet,
+                    log=_log)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gpustack", description="GPU-first cleaning of 3D image stacks "
+                                     "(FIB-SEM) before segmentation; runs PyStack3D's params.toml unchanged.")
+    parser.add_argument("--version", action="version", version=f"gpustack {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run the workflow of a params.toml")
+    p.add_argument("params", help="PyStack3D/gpustack params.toml")
+    p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--steps", help="comma-separated consecutive steps of process_steps to run (default: all)")
+    p.add_argument("--overwrite", action="store_true", help="recompute every step, replacing existing outputs")
+    p.add_argument("--batch-size", type=int, help="slices per batch (default: from the memory budget)")
+    p.add_argument("--memory-budget", help="memory for one batch on the device, e.g. 4GiB")
+    p.add_argument("--output-dir", help="where process/ is written (default: the project folder)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress, only errors")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("validate", help="check a params.toml against its input without processing")
+    p.add_argument("params")
+    p.add_argument("--steps", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("init", help="write a commented params.toml template into a folder")
+    p.add_argument("dir")
+    p.add_argument("--channels", help="comma-separated channel folders, e.g. SE2,ESB")
+    p.add_argument("--force", action="store_true", help="replace an existing params.toml")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("info", help="versions and devices")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("demo", help="make a synthetic stack with known defects and run the workflow on it")
+    p.add_argument("dir", help="folder to create (must be new or empty)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--slices", type=int, default=60)
+    p.add_argument("--size", type=int, default=256, help="slice width and height in pixels")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except GpustackError as exc:
+        _log(f"gpustack: error: {exc}")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        _log("gpustack: interrupted; finished steps are kept, the step in progress left nothing behind")
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,91 @@
+"""Which device runs the kernels, and how many slices fit in one batch there.
+
+`auto` takes the first usable CUDA device and says so; `cuda`/`cuda:N` without a usable GPU is a DeviceError
+that names the reason. Kernels never ask: they run on the tensors they are given.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from gpustack.errors import DeviceError
+
+CPU_BUDGET_CAP = 4 << 30  # larger CPU batches only add latency: the CPU is busy either way
+CPU_MAX_BATCH = 16
+CUDA_MAX_BATCH = 128
+
+
+@dataclass(frozen=True)
+class DeviceChoice:
+    device: torch.device
+    description: str  # e.g. "cuda:0 (NVIDIA H100, 79.1 GiB)" or "cpu (2 threads)"
+    reason: str  # why this device: shown to the user
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def _cuda_unavailable_reason() -> str:
+    if torch.version.cuda is None:
+        return ("this PyTorch build has no CUDA support (torch " + torch.__version__ + "); install a CUDA-enabled "
+                "PyTorch build for your driver")
+    try:
+        count = torch.cuda.device_count()
+    except Exception as exc:  # noqa: BLE001 - the driver's own words are the most useful reason
+        return f"the CUDA driver cannot be used ({exc})"
+    if count == 0:
+        return "no CUDA device is visible (check the NVIDIA driver with nvidia-smi, and CUDA_VISIBLE_DEVICES)"
+    return "CUDA is not usable in this process"
+
+
+def _describe_cuda(index: int) -> str:
+    props = torch.cuda.get_device_properties(index)
+    return f"cuda:{index} ({props.name}, {props.total_memory / 2**30:.1f} GiB)"
+
+
+def resolve_device(spec: str = "auto") -> DeviceChoice:
+    spec = (spec or "auto").strip().lower()
+    if spec == "cpu":
+        return DeviceChoice(torch.device("cpu"), f"cpu ({torch.get_num_threads()} threads)", "requested")
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return DeviceChoice(torch.device("cuda", 0), _describe_cuda(0), "auto: a CUDA device is available")
+        return DeviceChoice(torch.device("cpu"), f"cpu ({torch.get_num_threads()} threads)",
+                            "auto: no usable GPU, " + _cuda_unavailable_reason())
+    if spec == "cuda" or spec.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise DeviceError(f"--device {spec}: {_cuda_unavailable_reason()}. Use --device cpu or auto to run "
+                              "on the CPU.")
+        index = int(spec.split(":", 1)[1]) if ":" in spec else 0
+        count = torch.cuda.device_count()
+        if index >= count:
+            raise DeviceError(f"--device {spec}: there {'is' if count == 1 else 'are'} only {count} CUDA "
+                              f"device{'s' if count != 1 else ''} (cuda:0 to cuda:{count - 1})")
+        return DeviceChoice(torch.device("cuda", index), _describe_cuda(index), "requested")
+    raise DeviceError(f"--device {spec!r}: expected auto, cpu, cuda or cuda:N")
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes the run may use on `device` if nobody said otherwise."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free * 0.6)  # leave room for cuFFT workspaces and other processes
+    try:
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        avail = 8 << 30
+    return int(min(avail * 0.25, CPU_BUDGET_CAP))
+
+
+def batch_size_for(device: torch.device, slice_bytes: int, *, budget: int | None = None,
+                   requested: int | None = None) -> int:
+    """Slices per batch: what the user asked for, else as many as the memory budget holds (at least 1)."""
+    if requested:
+        return requested
+    budget = budget if budget is not None else available_memory(device)
+    cap = CUDA_MAX_BATCH if device.type == "cuda" else CPU_MAX_BATCH
+    return max(1, min(cap, budget // max(1, slice_bytes)))

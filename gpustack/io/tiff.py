@@ -1,0 +1,214 @@
+"""Reading and writing TIFF slices.
+
+Inputs are inspected once, header only, before anything runs: every file must be a readable single-sample 2-D
+TIFF of one shape and dtype, with all its data inside the file (a truncated copy is caught here, not an hour
+later). The inspection keeps where each uncompressed slice lies in its file, so that reading becomes one
+`readinto` with no TIFF parsing, the fast path for the common case of uncompressed FIB-SEM slices.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import struct
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+from gpustack.errors import InputError
+
+SUPPORTED_DTYPES = (np.dtype("uint8"), np.dtype("uint16"), np.dtype("float32"))
+PRIVATE_TAG_MIN = 32768  # PyStack3D copies tags above this (e.g. Fibics XML 51023) and the compression
+TIFF_SUFFIXES = (".tif", ".tiff")
+SKIPPED_NAMES = ("big.tif",)  # PyStack3D's concatenated output, never a slice
+
+
+@dataclass(frozen=True)
+class SliceInfo:
+    path: Path
+    page: int  # page index inside `path`
+    name: str  # output file name
+    offset: int | None  # byte offset of the slice's contiguous uncompressed data, None if it must be decoded
+    byteswap: bool  # the file's byte order differs from this machine's
+    compression: int  # TIFF compression code (1: none)
+    private_tags: tuple  # tifffile `extratags`: (code, dtype, count, value, writeonce)
+    size: int  # file size and mtime: for the fingerprint
+    mtime_ns: int
+    shape: tuple[int, int]
+    dtype: np.dtype
+
+
+@dataclass(frozen=True)
+class StackSource:
+    """The slices of one channel, in processing order."""
+
+    channel: str
+    root: Path  # a folder of slices or a multi-page TIFF
+    slices: tuple[SliceInfo, ...]
+    shape: tuple[int, int]
+    dtype: np.dtype
+
+    def __len__(self) -> int:
+        return len(self.slices)
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.slices]
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256(f"{self.shape}{self.dtype}".encode())
+        for s in self.slices:
+            h.update(f"{s.path.name}\0{s.page}\0{s.size}\0{s.mtime_ns}\n".encode())
+        return h.hexdigest()
+
+
+def _natural_key(name: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def list_slice_files(folder: Path) -> tuple[list[Path], list[str]]:
+    """`*.tif` in PyStack3D's order (plain lexicographic), or `*.tiff` if there is no `.tif`; plus notes."""
+    notes = []
+    files = sorted(p for p in folder.iterdir() if p.suffix == ".tif" and p.name not in SKIPPED_NAMES)
+    if not files:
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in TIFF_SUFFIXES
+                       and p.name not in SKIPPED_NAMES)
+    names = [p.name for p in files]
+    if names != sorted(names, key=_natural_key):
+        first = next(i for i, (a, b) in enumerate(zip(names, sorted(names, key=_natural_key))) if a != b)
+        notes.append(f"{folder}: slices are taken in plain alphabetical order, as PyStack3D does, which is not "
+                     f"numeric order (e.g. {names[first]!r} comes before {sorted(names, key=_natural_key)[first]!r});"
+                     " zero-pad the numbers in the file names if that is not intended")
+    return files, notes
+
+
+def _private_tags(page: tifffile.TiffPage) -> tuple:
+    return tuple((t.code, int(t.dtype), t.count, t.value, True) for t in page.tags.values() if t.code > PRIVATE_TAG_MIN)
+
+
+def _inspect_page(path: Path, page: tifffile.TiffPage, index: int, name: str, size: int, mtime_ns: int) -> SliceInfo:
+    where = f"{path}" + (f" (page {index})" if index else "")
+    if page.samplesperpixel != 1 or len(page.shape) != 2:
+        raise InputError(f"{where}: expected a single-channel 2-D image, found shape {page.shape}")
+    dtype = np.dtype(page.dtype)
+    if dtype not in SUPPORTED_DTYPES:
+        raise InputError(f"{where}: pixel type {dtype} is not supported (uint8, uint16 or float32)")
+    ends = [o + n for o, n in zip(page.dataoffsets, page.databytecounts)]
+    if not ends or any(n == 0 for n in page.databytecounts) or max(ends) > size:
+        raise InputError(f"{where}: the file is truncated (its image data ends at byte {max(ends, default=0)}, "
+                         f"the file has {size} bytes)")
+    compression = int(page.compression)
+    # Uncompressed data in one block with no predictor: read it with one readinto, no TIFF decoding.
+    plain = page.is_contiguous and page.is_memmappable and compression == 1
+    offset = int(page.dataoffsets[0]) if plain else None
+    byteswap = page.parent.byteorder != ("<" if sys.byteorder == "little" else ">") and dtype.itemsize > 1
+    return SliceInfo(path, index, name, offset, byteswap, compression, _private_tags(page), size, mtime_ns,
+                     tuple(page.shape), dtype)
+
+
+def _open_tiff(path: Path) -> tifffile.TiffFile:
+    try:
+        return tifffile.TiffFile(path)
+    except FileNotFoundError:
+        raise InputError(f"{path}: file not found") from None
+    except (tifffile.TiffFileError, ValueError, IndexError, KeyError, struct.error) as exc:
+        raise InputError(f"{path}: not a readable TIFF file ({exc})") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+
+
+def inspect_file(path: Path) -> SliceInfo:
+    """Header of a one-slice TIFF file."""
+    stat = path.stat()
+    with _open_tiff(path) as tif:
+        if len(tif.pages) == 0:
+            raise InputError(f"{path}: the TIFF file holds no image")
+        return _inspect_page(path, tif.pages[0], 0, path.name, stat.st_size, stat.st_mtime_ns)
+
+
+def inspect_multipage(path: Path) -> list[SliceInfo]:
+    """Every page of a multi-page TIFF/BigTIFF becomes a slice named `<stem>_<page>.tif`."""
+    stat = path.stat()
+    with _open_tiff(path) as tif:
+        pages = list(tif.pages)
+        if not pages:
+            raise InputError(f"{path}: the TIFF file holds no image")
+        width = max(4, len(str(len(pages) - 1)))
+        return [_inspect_page(path, page, i, f"{path.stem}_{i:0{width}d}.tif", stat.st_size, stat.st_mtime_ns)
+                for i, page in enumerate(pages)]
+
+
+def open_channel(project_dir: Path, channel: str, ind_min: int = 0, ind_max: int | None = None,
+                 *, threads: int = 8) -> tuple[StackSource, list[str]]:
+    """Find, order and inspect the slices of one channel; raise InputError on anything a run would trip over."""
+    root = project_dir if channel == "." else project_dir / channel
+    what = "project folder" if channel == "." else f"channel {channel!r}"
+    if not root.exists():
+        raise InputError(f"{what} not found: {root}")
+    notes: list[str] = []
+    if root.is_file():
+        if root.suffix.lower() not in TIFF_SUFFIXES:
+            raise InputError(f"{what}: {root} is a file but not a .tif/.tiff stack")
+        infos = inspect_multipage(root)
+    else:
+        files, notes = list_slice_files(root)
+        if not files:
+            raise InputError(f"{what}: no .tif slices in {root}")
+        with ThreadPoolExecutor(max(1, threads)) as pool:  # header reads are IO-bound
+            infos = list(pool.map(inspect_file, files))
+    infos = infos[ind_min:None if ind_max is None else ind_max + 1]
+    if not infos:
+        raise InputError(f"{what}: no slice left in {root} with ind_min={ind_min}, ind_max={ind_max}")
+    first = infos[0]
+    for info in infos[1:]:
+        if info.shape != first.shape or info.dtype != first.dtype:
+            raise InputError(f"{info.path}: slice is {info.shape[1]}x{info.shape[0]} {info.dtype}, but {first.name} "
+                             f"is {first.shape[1]}x{first.shape[0]} {first.dtype}: all slices must match")
+    return StackSource(channel, root, tuple(infos), first.shape, first.dtype), notes
+
+
+_handles = threading.local()  # per reader thread: open multi-page files, so page k is not found by re-walking IFDs
+
+
+def _cached_tiff(path: Path) -> tifffile.TiffFile:
+    cache = _handles.__dict__.setdefault("files", {})
+    if path not in cache:
+        cache[path] = _open_tiff(path)
+    return cache[path]
+
+
+def read_slice(info: SliceInfo, out: np.ndarray) -> None:
+    """Read one slice into `out` (C-contiguous, the slice's shape and dtype). Errors name the file."""
+    try:
+        if info.offset is not None:
+            with open(info.path, "rb", buffering=0) as fh:
+                fh.seek(info.offset)
+                if fh.readinto(memoryview(out).cast("B")) != out.nbytes:
+                    raise InputError(f"{info.path}: the file is truncated (it changed since it was inspected)")
+            if info.byteswap:
+                out.byteswap(inplace=True)
+        else:
+            _cached_tiff(info.path).pages[info.page].asarray(out=out)
+    except InputError:
+        raise
+    except KeyError as exc:  # tifffile's way of saying a codec is missing
+        raise InputError(f"{info.path}: {exc.args[0] if exc.args else exc}; install it with "
+                         "`pip install imagecodecs`") from None
+    except (OSError, ValueError, RuntimeError, struct.error) as exc:
+        raise InputError(f"{info.path}: cannot read the slice ({exc})") from None
+
+
+def write_slice(path: Path, data: np.ndarray, info: SliceInfo) -> None:
+    """One TIFF with the input slice's private tags and compression, as PyStack3D writes them."""
+    compression = None if info.compression == 1 else info.compression
+    try:
+        tifffile.imwrite(path, data, compression=compression, extratags=info.private_tags,
+                         photometric="minisblack", metadata=None)
+    except KeyError as exc:
+        raise InputError(f"{path}: cannot write with the input's compression: {exc.args[0] if exc.args else exc}; "
+                         "install it with `pip install imagecodecs`") from None

@@ -1,0 +1,258 @@
+"""Plan a workflow into passes and run them, with resume, atomic step folders and the manifest.
+
+A pass reads one materialised stack (the raw input or an earlier step's output), applies a run of consecutive
+steps to each batch while it is on the device, and feeds the result to the statistics (`fit`) of the next step
+that needs one. That step starts the next pass, which reads the output of the last written step. So each
+step's `apply` runs once, and the stack is read once per statistics step, not once per step (PyStack3D).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gpustack.config import Workflow
+from gpustack.errors import ConfigError, InputError
+from gpustack.io.tiff import StackSource, open_channel
+from gpustack.steps import REGISTRY, Step
+from gpustack.steps.base import ParamError, Report
+
+
+@dataclass
+class Prepared:
+    """A workflow checked against its input, before any slice is read."""
+
+    workflow: Workflow
+    sources: dict[str, StackSource]  # per channel: the stack the first step reads
+    input_label: str  # "input" or the process/<step> folder a PyStack3D history points to
+    steps: list[Step]
+    shapes: list[tuple[int, int]]  # slice shape before each step, then after the last
+    notes: list[str] = field(default_factory=list)
+
+
+def _history_input(workflow: Workflow) -> str | None:
+    """PyStack3D's rule: after a history, read the last step's folder (the one before registration_calculation)."""
+    done = [s for s in workflow.history if s != "registration_calculation"]
+    return done[-1] if done else None
+
+
+def prepare(workflow: Workflow) -> Prepared:
+    notes = list(workflow.warnings)
+    after = _history_input(workflow)
+    if after:
+        base, label, lo, hi = workflow.process_dir / after, f"process/{after}", 0, None
+        if not base.is_dir():
+            raise InputError(f"history says {after!r} is done, but its output folder {base} does not exist")
+    else:
+        base, label, lo, hi = workflow.project_dir, "input", workflow.ind_min, workflow.ind_max
+        if not base.exists():
+            raise InputError(f"project folder not found: {base}")
+    threads = max(2, min(16, (workflow.nproc or os.cpu_count() or 2) * 2))
+    sources = {}
+    for channel in workflow.channels:
+        sources[channel], channel_notes = open_channel(base, channel, lo, hi, threads=threads)
+        notes += channel_notes
+    first_channel, first = next(iter(sources.items()))
+    for channel, src in sources.items():
+        if len(src) != len(first) or src.shape != first.shape:
+            raise InputError(f"channel {channel!r} has {len(src)} slices of {src.shape[1]}x{src.shape[0]}, channel "
+                             f"{first_channel!r} has {len(first)} of {first.shape[1]}x{first.shape[0]}: channels "
+                             "must have the same number and size of slices")
+    steps = [REGISTRY[spec.name](spec.config) for spec in workflow.steps]
+    shapes = [first.shape]
+    for step in steps:
+        try:
+            shapes.append(step.output_shape(shapes[-1]))
+        except ParamError as exc:
+            raise ConfigError(str(exc), file=str(workflow.params_file) if workflow.params_file else None,
+                              table=step.name, key=exc.key) from None
+    return Prepared(workflow, sources, label, steps, shapes, notes)
+
+
+@dataclass
+class _Pass:
+    first: int  # index of the first step applied
+    stop: int  # one past the last step applied
+    fit: int | None  # index of the step fitted on this pass's output
+    source_step: int | None  # index of the step whose written output this pass reads; None: the prepared input
+
+
+@dataclass
+class RunSummary:
+    ran: list[str]
+    skipped: list[str]
+    seconds: float
+    slices: int
+    channels: int
+    device: str
+    process_dir: Path
+
+
+def _plan(steps: list[Step], start: int, source_step: int | None) -> list[_Pass]:
+    """Cut the steps into passes: a step with a statistics pass closes the pass before it and opens the next."""
+    passes, first = [], start
+    for i in range(start, len(steps)):
+        if steps[i].has_fit:
+            passes.append(_Pass(first, i, i, source_step))
+            # The next pass reads what this one wrote last (or this one's own input if it wrote nothing).
+            source_step = next((j for j in range(i - 1, first - 1, -1) if steps[j].writes_slices), source_step)
+            first = i
+    passes.append(_Pass(first, len(steps), None, source_step))
+    return passes
+
+
+def _commit(partial: Path, final: Path) -> None:
+    """Swap a finished step folder in: the final name only ever holds a complete step."""
+    old = final.with_name(f".{final.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        final.rename(old)
+    partial.rename(final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def run(prepared: Prepared, *, device_choice: Any, overwrite: bool = False, show_progress: bool = True,
+        log: Callable[[str], None] = print) -> RunSummary:
+    import torch
+
+    from gpustack.device import batch_size_for
+    from gpustack.pipeline.manifest import Manifest, fingerprint, versions
+    from gpustack.pipeline.progress import progress_bar
+    from gpustack.pipeline.stream import PassSpec, StepRun, run_pass
+    from gpustack.report.stats import write_stats
+    from gpustack.schema import to_jsonable
+
+    wf, steps = prepared.workflow, prepared.steps
+    process = wf.process_dir
+    started = time.perf_counter()
+    manifest = Manifest.load(process)
+    if overwrite:
+        manifest = Manifest(manifest.path)
+    channels = list(prepared.sources)
+    source_fp = fingerprint(prepared.input_label, {c: s.fingerprint() for c, s in prepared.sources.items()},
+                            wf.ind_min, wf.ind_max)
+    fps, prev = [], source_fp
+    for step in steps:
+        prev = fingerprint(prev, step.name, step.version, to_jsonable(step.config), wf.output_dtype)
+        fps.append(prev)
+
+    for step in steps:  # never clobber results gpustack did not write (PyStack3D's, or another project's)
+        folder = process / step.name
+        if folder.exists() and manifest.step(step.name) is None and not overwrite:
+            raise InputError(f"{folder} exists but process/gpustack.json has no record of it (was it written by "
+                             "PyStack3D?): move it away, or run with --overwrite to replace it")
+
+    def written(i: int) -> bool:
+        entry = manifest.step(steps[i].name)
+        return bool(entry and entry.get("slices_written")) and (process / steps[i].name).is_dir()
+
+    done = [manifest.is_done(s.name, fp) and (process / s.name).is_dir() for s, fp in zip(steps, fps)]
+    first_todo = next((i for i, d in enumerate(done) if not d), len(steps))
+    if first_todo == len(steps):
+        log(f"all {len(steps)} steps are up to date in {process} (--overwrite recomputes them)")
+        return RunSummary([], [s.name for s in steps], 0.0, 0, len(channels), str(device_choice.device), process)
+    # Start at the first stale step if the output it reads was written; otherwise recompute from further back.
+    start = first_todo
+    while True:
+        source_step = next((j for j in range(start - 1, -1, -1) if steps[j].writes_slices), None)
+        if source_step is None or written(source_step):
+            break
+        start = source_step
+    skipped = [s.name for s in steps[:start]]
+    for s in skipped:
+        log(f"{s}: up to date, skipped")
+    for step in steps[start:]:
+        manifest.forget(step.name)
+    manifest.save()
+
+    passes = _plan(steps, start, source_step)
+    last_writer = max((i for i, s in enumerate(steps) if s.writes_slices), default=None)
+    read_by_later = {p.source_step for p in passes if p.source_step is not None}
+    device = device_choice.device
+    n = len(next(iter(prepared.sources.values())))
+    torch_dtype = {"uint8": torch.uint8, "uint16": torch.uint16, "float32": torch.float32}
+    states: dict[int, dict[str, Any]] = {}
+    timings: dict[str, float] = {}
+    partials: dict[int, Path] = {}
+    try:
+        for number, plan in enumerate(passes, 1):
+            pass_start = time.perf_counter()
+            indices = list(range(plan.first, plan.stop))
+            writes = {i for i in indices if steps[i].writes_slices
+                      and (wf.save_intermediate or i == last_writer or i in read_by_later)}
+            for i in indices:
+                partials[i] = process / f".partial-{steps[i].name}"
+                if partials[i].exists():
+                    shutil.rmtree(partials[i])
+            shape_in = prepared.shapes[plan.first]
+            work = max([steps[i].work_buffers for i in indices] + [1]) + 2
+            batch = batch_size_for(device, 4 * shape_in[0] * shape_in[1] * work, budget=wf.memory_budget,
+                                   requested=wf.batch_size)
+            names = [steps[i].name for i in indices] + ([f"statistics of {steps[plan.fit].name}"]
+                                                       if plan.fit is not None else [])
+            fit_partials: dict[str, list] = {}
+            runs_by_channel: dict[str, list[StepRun]] = {}
+            for c_index, channel in enumerate(channels):
+                if plan.source_step is None:
+                    source = prepared.sources[channel]
+                else:
+                    source, _ = open_channel(process / steps[plan.source_step].name, channel)
+                runs = []
+                for i in indices:
+                    out_dir = None
+                    if i in writes:
+                        out_dir = partials[i] if channel == "." else partials[i] / channel
+                        out_dir.mkdir(parents=True, exist_ok=True)
+                    out_dtype = torch.float32 if wf.output_dtype == "float32" else torch_dtype[str(source.dtype)]
+                    runs.append(StepRun(steps[i], states.get(i, {}).get(channel), out_dir, out_dtype))
+                fit = steps[plan.fit] if plan.fit is not None else None
+                if fit is not None and fit.fit_on_first_channel and c_index > 0:
+                    fit = None
+                spec = PassSpec(source, runs, fit)
+                label = f"[{number}/{len(passes)}] {' + '.join(names)}" + ("" if channel == "." else f" [{channel}]")
+                with progress_bar(label, len(source), enabled=show_progress, log=log) as advance:
+                    run_pass(spec, device=device, batch_size=batch, io_threads=min(8, (wf.nproc or 2) * 2),
+                             on_progress=advance)
+                runs_by_channel[channel] = runs
+                if fit is not None:
+                    fit_partials[channel] = spec.fit_partials
+            if plan.fit is not None:
+                fit_step = steps[plan.fit]
+                reduced = {c: fit_step.fit_reduce(p) for c, p in fit_partials.items()}
+                states[plan.fit] = {c: reduced.get(c, reduced.get(channels[0])) for c in channels}
+            elapsed = time.perf_counter() - pass_start
+            for j, i in enumerate(indices):
+                step = steps[i]
+                for channel in channels:
+                    run_ = runs_by_channel[channel][j]
+                    outputs = (partials[i] if channel == "." else partials[i] / channel) / "outputs"
+                    names_ch = list(prepared.sources[channel].names)
+                    write_stats(outputs, run_.stats, names_ch, f"{step.name}" + ("" if channel == "." else f" - {channel}"))
+                    step.write_report(Report(outputs, run_.state, run_.stats, names_ch, prepared.shapes[i],
+                                             prepared.shapes[i + 1]))
+                _commit(partials.pop(i), process / step.name)
+                timings[step.name] = elapsed
+                manifest.record_step(step.name, fingerprint=fps[i], params=to_jsonable(step.config),
+                                     version=step.version, slices=n, channels=channels, pass_number=number,
+                                     fused_with=[steps[k].name for k in indices], pass_seconds=round(elapsed, 3),
+                                     slices_written=i in writes, device=str(device),
+                                     shape_in=list(prepared.shapes[i]), shape_out=list(prepared.shapes[i + 1]))
+                manifest.save()
+    finally:
+        for partial in partials.values():
+            shutil.rmtree(partial, ignore_errors=True)
+    seconds = time.perf_counter() - started
+    manifest.record_run({"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": device_choice.description,
+                         "device_reason": device_choice.reason, "steps": [s.name for s in steps[start:]],
+                         "skipped": skipped, "seconds": round(seconds, 3), "pass_seconds": timings,
+                         "params_file": str(wf.params_file) if wf.params_file else None, "versions": versions()})
+    manifest.save()
+    return RunSummary([s.name for s in steps[start:]], skipped, seconds, n, len(channels),
+                      device_choice.description, process)

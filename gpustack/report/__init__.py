@@ -1,0 +1,1 @@
+"""Per-step statistics files and plots."""

@@ -1,0 +1,46 @@
+"""Standard statistics of a step: min, max and mean per slice of its input, its output and what was written.
+
+`stats.csv` is the readable table, `stats.npy` keeps PyStack3D's layout (nslices, 3, 3) =
+[slice, {input, output, written}, {min, max, mean}] for scripts written against PyStack3D, and `stats.png`
+plots them against the slice index.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import numpy as np
+
+from gpustack.report.plotting import new_figure, save
+
+COLUMNS = [f"{stage}_{what}" for stage in ("input", "output", "written") for what in ("min", "max", "mean")]
+
+
+def write_stats(outputs_dir: Path, stats: np.ndarray, names: list[str], title: str) -> None:
+    outputs_dir.mkdir(parents=True, exist_ok=True)
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["index", "name", *COLUMNS])
+    for i, (name, row) in enumerate(zip(names, stats)):
+        writer.writerow([i, name, *(f"{v:.6g}" for v in row)])
+    (outputs_dir / "stats.csv").write_text(buf.getvalue())
+    np.save(outputs_dir / "stats.npy", stats.reshape(len(stats), 3, 3))
+    plot_stats(outputs_dir / "stats.png", stats, title)
+
+
+def plot_stats(path: Path, stats: np.ndarray, title: str) -> None:
+    fig = new_figure(12, 3.6)
+    axes = fig.subplots(1, 3)
+    x = np.arange(len(stats))
+    for k, (ax, what) in enumerate(zip(axes, ("Min", "Max", "Mean"))):
+        ax.plot(x, stats[:, k], label="input", lw=1)
+        ax.plot(x, stats[:, 3 + k], label="output", lw=1)
+        if np.isfinite(stats[:, 6 + k]).any() and not np.allclose(stats[:, 6 + k], stats[:, 3 + k], equal_nan=True):
+            ax.plot(x, stats[:, 6 + k], label="written", lw=1, ls="--")
+        ax.set_title(what)
+        ax.set_xlabel("slice")
+    axes[0].legend(fontsize="small")
+    fig.suptitle(title)
+    save(fig, path)

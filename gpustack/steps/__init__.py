@@ -1,0 +1,23 @@
+"""The step registry: PyStack3D's step names mapped to gpustack's implementations."""
+
+from __future__ import annotations
+
+from gpustack.steps.base import Batch, Step
+from gpustack.steps.cropping import Cropping, CroppingFinal
+
+# PyStack3D's nine steps, in its canonical order (PEERS.md §1.0).
+PYSTACK3D_STEPS = (
+    "cropping",
+    "bkg_removal",
+    "intensity_rescaling",
+    "intensity_rescaling_area",
+    "registration_calculation",
+    "registration_transformation",
+    "destriping",
+    "resampling",
+    "cropping_final",
+)
+
+REGISTRY: dict[str, type[Step]] = {cls.name: cls for cls in (Cropping, CroppingFinal)}
+
+__all__ = ["Batch", "Step", "REGISTRY", "PYSTACK3D_STEPS"]

@@ -1,0 +1,90 @@
+"""The step contract. A step is pure: it never reads or writes slices, shows progress or starts processes.
+
+The runner gives it batches of slices already on the device and owns everything else (see DESIGN.md §3):
+
+- `Config`: a frozen dataclass of `schema.param`s built from the step's TOML table;
+- `output_shape(shape)`: the slice shape it produces; checks the parameters that depend on the image size;
+- `fit_batch(batch)` / `fit_reduce(partials)`: optional statistics pass, a map over batches then a small
+  reduction (so that a pass can later be sharded over workers); the runner schedules it before `apply`;
+- `apply(batch, state)`: the correction, torch in, torch out, same number of slices;
+- `halo`: the neighbouring slices (before, after) `apply` needs around each slice;
+- `write_report(report)`: step-specific files and plots, written after the pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+
+class ParamError(ValueError):
+    """A parameter that does not fit the data (e.g. an area outside the image); the runner names file and table."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(message)
+
+
+@dataclass
+class Batch:
+    """Consecutive slices on the device: `data[core]` are this batch's own slices, the rest is halo context."""
+
+    data: "torch.Tensor"  # (n, H, W) float32 on the run's device
+    start: int  # stack index of data[0]
+    core: slice  # rows of `data` that belong to this batch
+    names: list[str]  # file name of each row of `data`
+    n_total: int  # slices in the whole stack (halo steps treat its ends as edges)
+
+    @property
+    def indices(self) -> range:
+        return range(self.start, self.start + self.data.shape[0])
+
+
+@dataclass
+class Report:
+    """What a step may use to write its own outputs after a pass (one per channel)."""
+
+    outputs_dir: Path
+    state: Any
+    stats: "np.ndarray"  # (n, 9): input, output and written min/max/mean per slice
+    names: list[str]
+    in_shape: tuple[int, int]
+    out_shape: tuple[int, int]
+
+
+class Step:
+    name: ClassVar[str]
+    Config: ClassVar[type]
+    version: ClassVar[int] = 1  # bump when the same parameters give different output (invalidates resumes)
+    halo: ClassVar[tuple[int, int]] = (0, 0)
+    fit_halo: ClassVar[tuple[int, int]] = (0, 0)  # context `fit_batch` needs (registration: the previous slice)
+    fit_on_first_channel: ClassVar[bool] = False  # fit on channels[0], apply that state to every channel
+    work_buffers: ClassVar[int] = 2  # float32 slice-sized buffers per slice at peak, for the batch-size budget
+    writes_slices: ClassVar[bool] = True  # False for steps that only compute a state (registration_calculation)
+
+    def __init__(self, config: Any):
+        self.config = config
+
+    @property
+    def has_fit(self) -> bool:
+        return type(self).fit_batch is not Step.fit_batch
+
+    def output_shape(self, shape: tuple[int, int]) -> tuple[int, int]:
+        return shape
+
+    def fit_batch(self, batch: Batch) -> Any:  # pragma: no cover - contract
+        raise NotImplementedError
+
+    def fit_reduce(self, partials: list[Any]) -> Any:
+        return partials
+
+    def apply(self, batch: Batch, state: Any) -> "torch.Tensor":  # pragma: no cover - contract
+        raise NotImplementedError
+
+    def write_report(self, report: Report) -> None:
+        """Step-specific outputs beside the standard statistics; nothing by default."""

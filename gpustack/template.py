@@ -1,0 +1,64 @@
+"""A commented params.toml, generated from the step registry so it never drifts from what gpustack accepts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gpustack.area import Area
+from gpustack.schema import describe
+from gpustack.steps import PYSTACK3D_STEPS, REGISTRY
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (Area, tuple, list)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, str):
+        return f'"{value}"'
+    return repr(value)
+
+
+def render_template(*, channels: list[str] | None = None, steps: dict[str, dict[str, Any]] | None = None,
+                    process_steps: list[str] | None = None, header: str = "") -> str:
+    """The template; `steps` overrides defaults per table (e.g. a cropping area read from metadata)."""
+    steps = steps or {}
+    process_steps = process_steps or [name for name in PYSTACK3D_STEPS if name in REGISTRY]
+    lines = [
+        "# gpustack / PyStack3D parameters. PyStack3D reads this file unchanged; gpustack never rewrites it",
+        "# (its run state goes to process/gpustack.json).",
+        *(f"# {line}" for line in header.splitlines()),
+        "",
+        "# Folder holding the slices (or the channel folders), relative to this file. Default: this file's folder.",
+        '# project_dir = "."',
+        "# Detector channels: sub-folders (or multi-page TIFFs) of project_dir; [\".\"] = slices in project_dir.",
+        f"channels = {toml_value(channels or ['.'])}",
+        "# First and last slice index to process (inclusive), in file-name order.",
+        "ind_min = 0",
+        "ind_max = 99999",
+        "# PyStack3D's number of processes; gpustack uses it only to size its IO thread pools.",
+        "nproc = 2",
+        f"process_steps = {toml_value(process_steps)}",
+        "# Steps already done (PyStack3D's resume list); gpustack resumes from process/gpustack.json instead.",
+        "history = []",
+        "",
+        "# gpustack-only keys (PyStack3D ignores top-level keys it does not know):",
+        '# device = "auto"          # auto | cpu | cuda | cuda:N',
+        '# memory_budget = "4GiB"   # device memory for one batch; sets the batch size',
+        "# batch_size = 16          # slices per batch (overrides memory_budget)",
+        "# save_intermediate = true # false: write only the last step (and steps a later pass reads)",
+        '# output_dtype = "input"   # input | float32: dtype of the written slices',
+        '# output_dir = "."         # where process/ goes (default: project_dir)',
+    ]
+    for name in PYSTACK3D_STEPS:
+        lines.append("")
+        cls = REGISTRY.get(name)
+        if cls is None:
+            lines.append(f"# [{name}]  (PyStack3D step not yet provided by this gpustack version)")
+            continue
+        lines.append(f"[{name}]")
+        for key, default, doc in describe(cls.Config):
+            value = steps.get(name, {}).get(key, default)
+            lines.append(f"# {doc}")
+            lines.append(f"{key} = {toml_value(value)}" if value is not None else f"# {key} = ")
+    return "\n".join(lines) + "\n"
