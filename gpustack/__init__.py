@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "crop": "gpustack.api",
+    "slice_statistics": "gpustack.api",
     "resolve_device": "gpustack.device",
     "GpustackError": "gpustack.errors",
     "ConfigError": "gpustack.errors",

@@ -76,7 +76,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         _log(f"device: {choice.description} ({choice.reason})")
     summary = run(prepared, device_choice=choice, overwrite=args.overwrite, show_progress=not args.quiet,
                   log=_log if not args.quiet else (lambda m: None))
-    if summary.ran:
+    if summary.ran and not args.quiet:
         rate = summary.slices * summary.channels / summary.seconds if summary.seconds else 0
         _log(f"done: {', '.join(summary.ran)} on {summary.slices} slices x {summary.channels} channel(s) in "
              f"{summary.seconds:.2f} s ({rate:.1f} slices/s) -> {summary.process_dir}")

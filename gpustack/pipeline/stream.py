@@ -93,11 +93,13 @@ def run_pass(spec: PassSpec, *, device: torch.device, batch_size: int, io_thread
             if batch_no + prefetch < len(starts):
                 submit(batch_no + prefetch)
             b1 = min(n, b0 + batch_size)
-            x = ring[slot][: w1 - w0].to(device, non_blocking=True)
+            x = ring[slot][: w1 - w0]
             if cuda:
+                x = x.to(device, non_blocking=True)
                 ring_free[slot] = torch.cuda.Event()
                 ring_free[slot].record()
-            x = x.to(torch.float32)
+            # On the CPU the ring buffer itself would be the batch: copy, since readers refill it meanwhile.
+            x = x.to(torch.float32, copy=not cuda)
             core = slice(b0 - w0, b1 - w0)
             names = [s.name for s in source.slices[w0:w1]]
             batch = Batch(x, w0, core, names, n)

@@ -1,0 +1,35 @@
+import pytest
+import torch
+
+from gpustack.device import CPU_MAX_BATCH, batch_size_for, resolve_device
+from gpustack.errors import DeviceError
+
+
+def test_cpu_and_auto():
+    assert resolve_device("cpu").device == torch.device("cpu")
+    auto = resolve_device("auto")
+    if torch.cuda.is_available():
+        assert auto.is_cuda
+    else:
+        assert auto.device.type == "cpu" and auto.reason.startswith("auto: no usable GPU")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+@pytest.mark.parametrize("spec", ["cuda", "cuda:0", "cuda:3"])
+def test_cuda_without_gpu_names_the_reason(spec):
+    with pytest.raises(DeviceError, match=f"--device {spec}: .*(no CUDA support|no CUDA device).*--device cpu"):
+        resolve_device(spec)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
+def test_cuda_index_out_of_range():
+    with pytest.raises(DeviceError, match="only"):
+        resolve_device(f"cuda:{torch.cuda.device_count()}")
+
+
+def test_batch_size_from_budget():
+    cpu = torch.device("cpu")
+    assert batch_size_for(cpu, 100, budget=1000) == 10
+    assert batch_size_for(cpu, 100, budget=50) == 1  # never zero
+    assert batch_size_for(cpu, 1, budget=10**9) == CPU_MAX_BATCH
+    assert batch_size_for(cpu, 100, budget=1000, requested=3) == 3

@@ -1,0 +1,225 @@
+"""The runner end to end on small stacks: layout, data, tags, statistics, resume, safety, and the step contract
+(statistics passes and halos) with test-only steps."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from gpustack import steps as step_registry
+from gpustack.config import load_workflow
+from gpustack.device import resolve_device
+from gpustack.errors import InputError
+from gpustack.pipeline.runner import prepare, run
+from gpustack.steps.base import Batch, Step
+from tests.conftest import write_params, write_stack
+
+CPU = resolve_device("cpu")
+
+
+def run_params(path: Path, **kwargs):
+    return run(prepare(load_workflow(path)), device_choice=CPU, show_progress=False, log=lambda m: None, **kwargs)
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_cropping_layout_data_tags_and_stats(tmp_path):
+    data = write_stack(tmp_path, n=7, shape=(30, 40))
+    params = write_params(tmp_path, 'process_steps = ["cropping", "cropping_final"]\n'
+                          "[cropping]\narea = [5, 35, 2, 27]\n[cropping_final]\narea = [0, 10, 0, 99999]\n")
+    before = tree_digest(tmp_path)
+    run_params(params)
+    step1, step2 = tmp_path / "process" / "cropping", tmp_path / "process" / "cropping_final"
+    names = sorted(p.name for p in step1.glob("*.tif"))
+    assert names == [f"slice_{i:04d}.tif" for i in range(7)]
+    for i in range(7):
+        first = tifffile.imread(step1 / names[i])
+        np.testing.assert_array_equal(first, data[i][30 - 27:30 - 2, 5:35])
+        np.testing.assert_array_equal(tifffile.imread(step2 / names[i]), first[:, 0:10])
+        with tifffile.TiffFile(step2 / names[i]) as tif:
+            assert tif.pages[0].tags[51023].value == f"<FibicsImage><ZPos>{i * 0.01:.4f}</ZPos></FibicsImage>"
+            assert tif.pages[0].dtype == np.uint16
+    stats = np.load(step1 / "outputs" / "stats.npy")
+    assert stats.shape == (7, 3, 3)  # PyStack3D's layout: slice, {input, output, written}, {min, max, mean}
+    np.testing.assert_allclose(stats[:, 0, 2], data.reshape(7, -1).mean(1), rtol=1e-5)
+    np.testing.assert_allclose(stats[:, 2, 0], data[:, 3:28, 5:35].reshape(7, -1).min(1))
+    assert (step1 / "outputs" / "stats.png").stat().st_size > 1000
+    assert "index,name,input_min" in (step1 / "outputs" / "stats.csv").read_text()
+    assert "New shape: (7, 25, 30)" in (step1 / "outputs" / "log.txt").read_text()
+    # The input is untouched and the parameter file byte-identical.
+    after = {k: v for k, v in tree_digest(tmp_path).items() if not k.startswith("process/")}
+    assert after == before
+
+
+def test_channels_and_float32(tmp_path):
+    a = write_stack(tmp_path / "SE2", n=4, dtype="float32", seed=1)
+    b = write_stack(tmp_path / "ESB", n=4, dtype="float32", seed=2)
+    params = write_params(tmp_path, 'channels = ["SE2", "ESB"]\nprocess_steps = ["cropping"]\n'
+                          "[cropping]\narea = [1, 11, 0, 30]\n")
+    run_params(params)
+    for name, data in (("SE2", a), ("ESB", b)):
+        out = tmp_path / "process" / "cropping" / name
+        assert (out / "outputs" / "stats.csv").exists()
+        got = np.stack([tifffile.imread(p) for p in sorted(out.glob("*.tif"))])
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, data[:, :, 1:11])
+
+
+def test_multipage_input(tmp_path):
+    data = np.random.default_rng(0).integers(0, 255, (5, 12, 16), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "stack.tif", data)
+    params = write_params(tmp_path, 'channels = ["stack.tif"]\nprocess_steps = ["cropping"]\n'
+                          "[cropping]\narea = [0, 8, 0, 12]\n")
+    run_params(params)
+    out = sorted((tmp_path / "process" / "cropping" / "stack.tif").glob("*.tif"))
+    assert [p.name for p in out] == [f"stack_{i:04d}.tif" for i in range(5)]
+    np.testing.assert_array_equal(np.stack([tifffile.imread(p) for p in out]), data[:, :, :8])
+
+
+def test_ind_min_ind_max_and_compression_kept(tmp_path):
+    data = write_stack(tmp_path, n=8, compression="zlib")
+    params = write_params(tmp_path, 'ind_min = 2\nind_max = 4\nprocess_steps = ["cropping"]\n[cropping]\n')
+    run_params(params)
+    out = sorted((tmp_path / "process" / "cropping").glob("*.tif"))
+    assert [p.name for p in out] == ["slice_0002.tif", "slice_0003.tif", "slice_0004.tif"]
+    with tifffile.TiffFile(out[0]) as tif:
+        assert tif.pages[0].compression == 8  # zlib/deflate, as the input
+    np.testing.assert_array_equal(tifffile.imread(out[0]), data[2])
+
+
+def test_resume_skips_unchanged_and_recomputes_from_the_changed_step(tmp_path):
+    write_stack(tmp_path, n=5)
+    text = 'process_steps = ["cropping", "cropping_final"]\n[cropping]\narea = [0, 30, 0, 20]\n[cropping_final]\narea = [0, 10, 0, 10]\n'
+    params = write_params(tmp_path, text)
+    first = run_params(params)
+    assert first.ran == ["cropping", "cropping_final"]
+    again = run_params(params)
+    assert again.ran == [] and again.skipped == ["cropping", "cropping_final"]
+    stamp = (tmp_path / "process" / "cropping" / "slice_0000.tif").stat().st_mtime_ns
+    write_params(tmp_path, text.replace("[0, 10, 0, 10]", "[0, 12, 0, 10]"))
+    changed = run_params(params)
+    assert changed.ran == ["cropping_final"]
+    assert (tmp_path / "process" / "cropping" / "slice_0000.tif").stat().st_mtime_ns == stamp
+    assert tifffile.imread(tmp_path / "process" / "cropping_final" / "slice_0000.tif").shape == (10, 12)
+    write_params(tmp_path, text.replace("[0, 30, 0, 20]", "[0, 25, 0, 20]"))
+    assert run_params(params).ran == ["cropping", "cropping_final"]  # a change invalidates later steps too
+    manifest = json.loads((tmp_path / "process" / "gpustack.json").read_text())
+    assert manifest["steps"]["cropping"]["params"] == {"area": [0, 25, 0, 20]}
+    assert manifest["runs"][-1]["versions"]["torch"] == torch.__version__
+    assert run_params(params, overwrite=True).ran == ["cropping", "cropping_final"]
+
+
+def test_refuses_to_replace_outputs_it_did_not_write(tmp_path):
+    write_stack(tmp_path, n=3)
+    params = write_params(tmp_path, 'process_steps = ["cropping"]\n[cropping]\n')
+    (tmp_path / "process" / "cropping").mkdir(parents=True)
+    (tmp_path / "process" / "cropping" / "mine.tif").write_bytes(b"precious")
+    with pytest.raises(InputError, match="no record of it"):
+        run_params(params)
+    assert (tmp_path / "process" / "cropping" / "mine.tif").read_bytes() == b"precious"
+    run_params(params, overwrite=True)
+    assert not (tmp_path / "process" / "cropping" / "mine.tif").exists()
+
+
+def test_failure_mid_run_leaves_no_step_folder(tmp_path, monkeypatch):
+    write_stack(tmp_path, n=6)
+    params = write_params(tmp_path, 'process_steps = ["cropping"]\nbatch_size = 2\n[cropping]\n')
+    prepared = prepare(load_workflow(params))
+    from gpustack.pipeline import stream
+
+    real = stream.read_slice
+
+    def failing(info, out):
+        if info.name == "slice_0004.tif":
+            raise InputError(f"{info.path}: cannot read the slice (disk error)")
+        real(info, out)
+
+    monkeypatch.setattr(stream, "read_slice", failing)
+    with pytest.raises(InputError, match="slice_0004"):
+        run(prepared, device_choice=CPU, show_progress=False, log=lambda m: None)
+    assert sorted(p.name for p in (tmp_path / "process").iterdir()) == ["gpustack.json"]
+
+
+def test_history_starts_from_the_last_done_step(tmp_path):
+    data = write_stack(tmp_path, n=4)
+    params = write_params(tmp_path, 'process_steps = ["cropping", "cropping_final"]\n'
+                          "[cropping]\narea = [0, 20, 0, 30]\n[cropping_final]\narea = [0, 10, 0, 30]\n")
+    run_params(params)
+    # A PyStack3D user who ran cropping elsewhere lists it in history: gpustack reads process/cropping.
+    write_params(tmp_path, params.read_text() + "").write_text(
+        'history = ["cropping"]\n' + params.read_text())
+    summary = run_params(params, overwrite=True)
+    assert summary.ran == ["cropping_final"]
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "process" / "cropping_final" / "slice_0001.tif"),
+                                  data[1][:, :10])
+
+
+# --- the step contract: statistics passes and halos, with steps that exist only in this test ---------------------
+
+@dataclass(frozen=True)
+class _NoConfig:
+    pass
+
+
+class ZMean3(Step):
+    """out[k] = mean of slices k-1, k, k+1 (edges repeated): needs one slice of halo on each side."""
+
+    name = "destriping"
+    Config = _NoConfig
+    halo = (1, 1)
+
+    def apply(self, batch: Batch, state):
+        x = batch.data
+        lo = torch.cat([x[:1], x[:-1]])  # window edges repeat; the runner trims them away
+        hi = torch.cat([x[1:], x[-1:]])
+        return (lo + x + hi) / 3
+
+
+class SubtractGlobalMean(Step):
+    """A statistics pass: the mean over the whole stack (map: per-batch sums; reduce: total), then subtracted."""
+
+    name = "bkg_removal"
+    Config = _NoConfig
+
+    def fit_batch(self, batch: Batch):
+        core = batch.data[batch.core]
+        return core.sum(dtype=torch.float64), core.numel()
+
+    def fit_reduce(self, partials):
+        return float(sum(p[0] for p in partials) / sum(p[1] for p in partials))
+
+    def apply(self, batch: Batch, state):
+        return batch.data - state + 1000.0
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 3, 16])
+def test_fit_and_halo_steps_give_the_same_answer_for_any_batch_size(tmp_path, monkeypatch, batch_size):
+    monkeypatch.setitem(step_registry.REGISTRY, "destriping", ZMean3)
+    monkeypatch.setitem(step_registry.REGISTRY, "bkg_removal", SubtractGlobalMean)
+    data = write_stack(tmp_path, n=7, shape=(6, 5), dtype="float32")
+    params = write_params(tmp_path, f'batch_size = {batch_size}\nsave_intermediate = false\n'
+                          'process_steps = ["cropping", "bkg_removal", "destriping", "cropping_final"]\n'
+                          "[cropping]\narea = [1, 5, 0, 6]\n")
+    summary = run_params(params)
+    assert summary.ran == ["cropping", "bkg_removal", "destriping", "cropping_final"]
+    x = data[:, :, 1:5].astype(np.float64)
+    x = x - x.mean() + 1000.0
+    padded = np.concatenate([x[:1], x, x[-1:]])
+    want = (padded[:-2] + padded[1:-1] + padded[2:]) / 3
+    got = np.stack([tifffile.imread(p) for p in sorted((tmp_path / "process" / "cropping_final").glob("*.tif"))])
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    # save_intermediate = false: only the step a later pass reads (cropping) and the last one keep their slices
+    with_slices = sorted(p.name for p in (tmp_path / "process").iterdir() if any(p.glob("*.tif")))
+    assert with_slices == ["cropping", "cropping_final"]
+    manifest = json.loads((tmp_path / "process" / "gpustack.json").read_text())
+    assert manifest["steps"]["bkg_removal"]["pass_number"] == 2  # its statistics pass ran on cropping's output
