@@ -51,8 +51,12 @@ def test_cropping_layout_data_tags_and_stats(tmp_path):
             assert tif.pages[0].dtype == np.uint16
     stats = np.load(step1 / "outputs" / "stats.npy")
     assert stats.shape == (7, 3, 3)  # PyStack3D's layout: slice, {input, output, written}, {min, max, mean}
-    np.testing.assert_allclose(stats[:, 0, 2], data.reshape(7, -1).mean(1), rtol=1e-5)
-    np.testing.assert_allclose(stats[:, 2, 0], data[:, 3:28, 5:35].reshape(7, -1).min(1))
+    kept = data[:, 3:28, 5:35].reshape(7, -1)
+    assert np.isnan(stats[:, 0]).all()  # only the kept rows of the raw slices were read: no input statistics
+    np.testing.assert_allclose(stats[:, 2], np.stack([kept.min(1), kept.max(1), kept.mean(1)], 1), rtol=1e-5)
+    np.testing.assert_allclose(stats[:, 1], stats[:, 2])
+    final = np.load(step2 / "outputs" / "stats.npy")  # a later crop has its input on the device: full stats
+    np.testing.assert_allclose(final[:, 0], stats[:, 1])
     assert (step1 / "outputs" / "stats.png").stat().st_size > 1000
     assert "index,name,input_min" in (step1 / "outputs" / "stats.csv").read_text()
     assert "New shape: (7, 25, 30)" in (step1 / "outputs" / "log.txt").read_text()
@@ -139,10 +143,10 @@ def test_failure_mid_run_leaves_no_step_folder(tmp_path, monkeypatch):
 
     real = stream.read_slice
 
-    def failing(info, out):
+    def failing(info, out, rows=None):
         if info.name == "slice_0004.tif":
             raise InputError(f"{info.path}: cannot read the slice (disk error)")
-        real(info, out)
+        real(info, out, rows)
 
     monkeypatch.setattr(stream, "read_slice", failing)
     with pytest.raises(InputError, match="slice_0004"):

@@ -9,11 +9,15 @@ later). The inspection keeps where each uncompressed slice lies in its file, so 
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import struct
 import sys
 import threading
+from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,23 +115,49 @@ def _inspect_page(path: Path, page: tifffile.TiffPage, index: int, name: str, si
                      tuple(page.shape), dtype)
 
 
+TIFF_MAGICS = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")
+
+
+@contextmanager
+def _quiet_tifffile() -> Iterator[None]:
+    """tifffile logs its own warnings about broken files; gpustack reports them once, as an error."""
+    logger = logging.getLogger("tifffile")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _broken(path: Path, detail: str) -> InputError:
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    if magic in TIFF_MAGICS:
+        return InputError(f"{path}: the TIFF file is truncated or corrupted ({detail}); copy it again from the "
+                          "acquisition")
+    return InputError(f"{path}: not a TIFF file (it starts with {magic!r})")
+
+
 def _open_tiff(path: Path) -> tifffile.TiffFile:
     try:
-        return tifffile.TiffFile(path)
+        tif = tifffile.TiffFile(path)
     except FileNotFoundError:
         raise InputError(f"{path}: file not found") from None
     except (tifffile.TiffFileError, ValueError, IndexError, KeyError, struct.error) as exc:
-        raise InputError(f"{path}: not a readable TIFF file ({exc})") from None
+        raise _broken(path, str(exc)) from None
     except OSError as exc:
         raise InputError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    if len(tif.pages) == 0:
+        tif.close()
+        raise _broken(path, "no readable image in it")
+    return tif
 
 
 def inspect_file(path: Path) -> SliceInfo:
     """Header of a one-slice TIFF file."""
     stat = path.stat()
     with _open_tiff(path) as tif:
-        if len(tif.pages) == 0:
-            raise InputError(f"{path}: the TIFF file holds no image")
         return _inspect_page(path, tif.pages[0], 0, path.name, stat.st_size, stat.st_mtime_ns)
 
 
@@ -136,8 +166,6 @@ def inspect_multipage(path: Path) -> list[SliceInfo]:
     stat = path.stat()
     with _open_tiff(path) as tif:
         pages = list(tif.pages)
-        if not pages:
-            raise InputError(f"{path}: the TIFF file holds no image")
         width = max(4, len(str(len(pages) - 1)))
         return [_inspect_page(path, page, i, f"{path.stem}_{i:0{width}d}.tif", stat.st_size, stat.st_mtime_ns)
                 for i, page in enumerate(pages)]
@@ -151,24 +179,28 @@ def open_channel(project_dir: Path, channel: str, ind_min: int = 0, ind_max: int
     if not root.exists():
         raise InputError(f"{what} not found: {root}")
     notes: list[str] = []
-    if root.is_file():
-        if root.suffix.lower() not in TIFF_SUFFIXES:
-            raise InputError(f"{what}: {root} is a file but not a .tif/.tiff stack")
-        infos = inspect_multipage(root)
-    else:
-        files, notes = list_slice_files(root)
-        if not files:
-            raise InputError(f"{what}: no .tif slices in {root}")
-        with ThreadPoolExecutor(max(1, threads)) as pool:  # header reads are IO-bound
-            infos = list(pool.map(inspect_file, files))
+    with _quiet_tifffile():
+        if root.is_file():
+            if root.suffix.lower() not in TIFF_SUFFIXES:
+                raise InputError(f"{what}: {root} is a file but not a .tif/.tiff stack")
+            infos = inspect_multipage(root)
+        else:
+            files, notes = list_slice_files(root)
+            if not files:
+                raise InputError(f"{what}: no .tif or .tiff slices in {root}")
+            with ThreadPoolExecutor(max(1, threads)) as pool:  # header reads are IO-bound
+                infos = list(pool.map(inspect_file, files))
     infos = infos[ind_min:None if ind_max is None else ind_max + 1]
     if not infos:
         raise InputError(f"{what}: no slice left in {root} with ind_min={ind_min}, ind_max={ind_max}")
+    kinds = Counter((info.shape, info.dtype) for info in infos)
+    if len(kinds) > 1:  # blame the slices that differ from the majority, not whichever came first
+        (shape, dtype), count = kinds.most_common(1)[0]
+        odd = next(info for info in infos if (info.shape, info.dtype) != (shape, dtype))
+        raise InputError(f"{odd.path}: slice is {odd.shape[1]}x{odd.shape[0]} (width x height) {odd.dtype}, but "
+                         f"{count} of the {len(infos)} slices are {shape[1]}x{shape[0]} {dtype}: all slices must "
+                         "match")
     first = infos[0]
-    for info in infos[1:]:
-        if info.shape != first.shape or info.dtype != first.dtype:
-            raise InputError(f"{info.path}: slice is {info.shape[1]}x{info.shape[0]} {info.dtype}, but {first.name} "
-                             f"is {first.shape[1]}x{first.shape[0]} {first.dtype}: all slices must match")
     return StackSource(channel, root, tuple(infos), first.shape, first.dtype), notes
 
 
@@ -182,18 +214,25 @@ def _cached_tiff(path: Path) -> tifffile.TiffFile:
     return cache[path]
 
 
-def read_slice(info: SliceInfo, out: np.ndarray) -> None:
-    """Read one slice into `out` (C-contiguous, the slice's shape and dtype). Errors name the file."""
+def read_slice(info: SliceInfo, out: np.ndarray, rows: slice | None = None) -> None:
+    """Read one slice, or only its `rows`, into `out` (C-contiguous, that shape, the slice's dtype).
+
+    Uncompressed slices are read straight from their byte range (for a row band, only the band's bytes).
+    Errors name the file.
+    """
     try:
         if info.offset is not None:
+            row_bytes = info.shape[1] * info.dtype.itemsize
             with open(info.path, "rb", buffering=0) as fh:
-                fh.seek(info.offset)
+                fh.seek(info.offset + (rows.start * row_bytes if rows is not None else 0))
                 if fh.readinto(memoryview(out).cast("B")) != out.nbytes:
                     raise InputError(f"{info.path}: the file is truncated (it changed since it was inspected)")
             if info.byteswap:
                 out.byteswap(inplace=True)
-        else:
+        elif rows is None:
             _cached_tiff(info.path).pages[info.page].asarray(out=out)
+        else:
+            out[...] = _cached_tiff(info.path).pages[info.page].asarray()[rows]
     except InputError:
         raise
     except KeyError as exc:  # tifffile's way of saying a codec is missing

@@ -65,8 +65,11 @@ class Manifest:
         entry = self.step(name)
         return bool(entry and entry.get("fingerprint") == fp and entry.get("status") == "complete")
 
-    def forget(self, name: str) -> None:
-        self.data["steps"].pop(name, None)
+    def invalidate(self, name: str) -> None:
+        """Being recomputed: still gpustack's folder, no longer a valid result until it completes again."""
+        entry = self.data["steps"].get(name)
+        if entry is not None:
+            entry["status"] = "stale"
 
     def record_step(self, name: str, **entry: Any) -> None:
         self.data["steps"][name] = {"status": "complete", "completed": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

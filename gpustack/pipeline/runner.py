@@ -11,16 +11,21 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+
+from typing import TYPE_CHECKING, Any
 
 from gpustack.config import Workflow
 from gpustack.errors import ConfigError, InputError
 from gpustack.io.tiff import StackSource, open_channel
 from gpustack.steps import REGISTRY, Step
 from gpustack.steps.base import ParamError, Report
+
+if TYPE_CHECKING:
+    from gpustack.pipeline.stream import StepRun
 
 
 @dataclass
@@ -118,6 +123,11 @@ def _commit(partial: Path, final: Path) -> None:
         shutil.rmtree(old)
 
 
+def _prewarm_plotting() -> None:
+    """Import matplotlib while the first pass runs, not after it."""
+    import gpustack.report.stats  # noqa: F401
+
+
 def run(prepared: Prepared, *, device_choice: Any, overwrite: bool = False, show_progress: bool = True,
         log: Callable[[str], None] = print) -> RunSummary:
     import torch
@@ -125,7 +135,7 @@ def run(prepared: Prepared, *, device_choice: Any, overwrite: bool = False, show
     from gpustack.device import batch_size_for
     from gpustack.pipeline.manifest import Manifest, fingerprint, versions
     from gpustack.pipeline.progress import progress_bar
-    from gpustack.pipeline.stream import PassSpec, StepRun, run_pass
+    from gpustack.pipeline.stream import PassSpec, StepRun, release_buffers, run_pass
     from gpustack.report.stats import write_stats
     from gpustack.schema import to_jsonable
 
@@ -133,8 +143,6 @@ def run(prepared: Prepared, *, device_choice: Any, overwrite: bool = False, show
     process = wf.process_dir
     started = time.perf_counter()
     manifest = Manifest.load(process)
-    if overwrite:
-        manifest = Manifest(manifest.path)
     channels = list(prepared.sources)
     source_fp = fingerprint(prepared.input_label, {c: s.fingerprint() for c, s in prepared.sources.items()},
                             wf.ind_min, wf.ind_max)
@@ -153,7 +161,8 @@ def run(prepared: Prepared, *, device_choice: Any, overwrite: bool = False, show
         entry = manifest.step(steps[i].name)
         return bool(entry and entry.get("slices_written")) and (process / steps[i].name).is_dir()
 
-    done = [manifest.is_done(s.name, fp) and (process / s.name).is_dir() for s, fp in zip(steps, fps)]
+    done = [not overwrite and manifest.is_done(s.name, fp) and (process / s.name).is_dir()
+            for s, fp in zip(steps, fps)]
     first_todo = next((i for i, d in enumerate(done) if not d), len(steps))
     if first_todo == len(steps):
         log(f"all {len(steps)} steps are up to date in {process} (--overwrite recomputes them)")
@@ -168,8 +177,8 @@ def run(prepared: Prepared, *, device_choice: Any, overwrite: bool = False, show
     skipped = [s.name for s in steps[:start]]
     for s in skipped:
         log(f"{s}: up to date, skipped")
-    for step in steps[start:]:
-        manifest.forget(step.name)
+    for step in steps[start:]:  # still gpustack's folders, but not valid until recomputed
+        manifest.invalidate(step.name)
     manifest.save()
 
     passes = _plan(steps, start, source_step)
@@ -181,8 +190,33 @@ def run(prepared: Prepared, *, device_choice: Any, overwrite: bool = False, show
     states: dict[int, dict[str, Any]] = {}
     timings: dict[str, float] = {}
     partials: dict[int, Path] = {}
+    # Statistics files, plots and the swap of finished step folders run on a reporter thread while the next
+    # pass computes; a pass waits only for the folder it reads.
+    reporter = ThreadPoolExecutor(1, thread_name_prefix="gpustack-report")
+    reporter.submit(_prewarm_plotting)
+    finishing: dict[int, Future] = {}
+
+    def finish_step(i: int, number: int, indices: list[int], writes: set[int], elapsed: float,
+                    runs: dict[str, StepRun]) -> None:
+        step = steps[i]
+        for channel in channels:
+            outputs = (partials[i] if channel == "." else partials[i] / channel) / "outputs"
+            names = list(prepared.sources[channel].names)
+            write_stats(outputs, runs[channel].stats, names, step.name + ("" if channel == "." else f" - {channel}"))
+            step.write_report(Report(outputs, runs[channel].state, runs[channel].stats, names, prepared.shapes[i],
+                                     prepared.shapes[i + 1]))
+        _commit(partials[i], process / step.name)
+        manifest.record_step(step.name, fingerprint=fps[i], params=to_jsonable(step.config), version=step.version,
+                             slices=n, channels=channels, pass_number=number,
+                             fused_with=[steps[k].name for k in indices], pass_seconds=round(elapsed, 3),
+                             slices_written=i in writes, device=str(device), shape_in=list(prepared.shapes[i]),
+                             shape_out=list(prepared.shapes[i + 1]))
+        manifest.save()
+
     try:
         for number, plan in enumerate(passes, 1):
+            if plan.source_step in finishing:
+                finishing[plan.source_step].result()
             pass_start = time.perf_counter()
             indices = list(range(plan.first, plan.stop))
             writes = {i for i in indices if steps[i].writes_slices
@@ -195,8 +229,8 @@ def run(prepared: Prepared, *, device_choice: Any, overwrite: bool = False, show
             work = max([steps[i].work_buffers for i in indices] + [1]) + 2
             batch = batch_size_for(device, 4 * shape_in[0] * shape_in[1] * work, budget=wf.memory_budget,
                                    requested=wf.batch_size)
-            names = [steps[i].name for i in indices] + ([f"statistics of {steps[plan.fit].name}"]
-                                                       if plan.fit is not None else [])
+            labels = [steps[i].name for i in indices] + ([f"statistics of {steps[plan.fit].name}"]
+                                                        if plan.fit is not None else [])
             fit_partials: dict[str, list] = {}
             runs_by_channel: dict[str, list[StepRun]] = {}
             for c_index, channel in enumerate(channels):
@@ -204,19 +238,20 @@ def run(prepared: Prepared, *, device_choice: Any, overwrite: bool = False, show
                     source = prepared.sources[channel]
                 else:
                     source, _ = open_channel(process / steps[plan.source_step].name, channel)
+                out_dtype = torch.float32 if wf.output_dtype == "float32" else torch_dtype[str(source.dtype)]
                 runs = []
                 for i in indices:
                     out_dir = None
                     if i in writes:
                         out_dir = partials[i] if channel == "." else partials[i] / channel
                         out_dir.mkdir(parents=True, exist_ok=True)
-                    out_dtype = torch.float32 if wf.output_dtype == "float32" else torch_dtype[str(source.dtype)]
-                    runs.append(StepRun(steps[i], states.get(i, {}).get(channel), out_dir, out_dtype))
+                    runs.append(StepRun(steps[i], states.get(i, {}).get(channel), out_dir, out_dtype,
+                                        steps[i].region(prepared.shapes[i])))
                 fit = steps[plan.fit] if plan.fit is not None else None
                 if fit is not None and fit.fit_on_first_channel and c_index > 0:
                     fit = None
-                spec = PassSpec(source, runs, fit)
-                label = f"[{number}/{len(passes)}] {' + '.join(names)}" + ("" if channel == "." else f" [{channel}]")
+                spec = PassSpec(source, runs, fit, push_region=bool(runs) and runs[0].region is not None)
+                label = f"[{number}/{len(passes)}] {' + '.join(labels)}" + ("" if channel == "." else f" [{channel}]")
                 with progress_bar(label, len(source), enabled=show_progress, log=log) as advance:
                     run_pass(spec, device=device, batch_size=batch, io_threads=min(8, (wf.nproc or 2) * 2),
                              on_progress=advance)
@@ -229,23 +264,14 @@ def run(prepared: Prepared, *, device_choice: Any, overwrite: bool = False, show
                 states[plan.fit] = {c: reduced.get(c, reduced.get(channels[0])) for c in channels}
             elapsed = time.perf_counter() - pass_start
             for j, i in enumerate(indices):
-                step = steps[i]
-                for channel in channels:
-                    run_ = runs_by_channel[channel][j]
-                    outputs = (partials[i] if channel == "." else partials[i] / channel) / "outputs"
-                    names_ch = list(prepared.sources[channel].names)
-                    write_stats(outputs, run_.stats, names_ch, f"{step.name}" + ("" if channel == "." else f" - {channel}"))
-                    step.write_report(Report(outputs, run_.state, run_.stats, names_ch, prepared.shapes[i],
-                                             prepared.shapes[i + 1]))
-                _commit(partials.pop(i), process / step.name)
-                timings[step.name] = elapsed
-                manifest.record_step(step.name, fingerprint=fps[i], params=to_jsonable(step.config),
-                                     version=step.version, slices=n, channels=channels, pass_number=number,
-                                     fused_with=[steps[k].name for k in indices], pass_seconds=round(elapsed, 3),
-                                     slices_written=i in writes, device=str(device),
-                                     shape_in=list(prepared.shapes[i]), shape_out=list(prepared.shapes[i + 1]))
-                manifest.save()
+                timings[steps[i].name] = elapsed
+                finishing[i] = reporter.submit(finish_step, i, number, indices, writes, elapsed,
+                                               {c: runs_by_channel[c][j] for c in channels})
+        for future in finishing.values():
+            future.result()
     finally:
+        reporter.shutdown(wait=True, cancel_futures=True)
+        release_buffers()
         for partial in partials.values():
             shutil.rmtree(partial, ignore_errors=True)
     seconds = time.perf_counter() - started

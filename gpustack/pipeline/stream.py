@@ -34,6 +34,7 @@ class StepRun:
     state: Any = None
     out_dir: Path | None = None  # None: this step's slices are not written in this pass
     out_dtype: torch.dtype = torch.float32
+    region: tuple[slice, slice] | None = None  # (rows, cols) the step keeps, for steps that only select pixels
     stats: np.ndarray | None = None  # (n, 9), filled by the pass
 
 
@@ -43,6 +44,9 @@ class PassSpec:
     runs: list[StepRun]
     fit: Step | None = None  # step whose statistics pass runs on this pass's output
     fit_partials: list[Any] = field(default_factory=list)
+    # The first step only keeps a region: read just its rows, take its columns before any arithmetic. Its input
+    # statistics are then not computed (the rest of the slice is never read).
+    push_region: bool = False
 
 
 def _halo(runs: list[StepRun], fit: Step | None) -> tuple[int, int]:
@@ -52,6 +56,28 @@ def _halo(runs: list[StepRun], fit: Step | None) -> tuple[int, int]:
     return before, after
 
 
+_BUFFERS: dict[Any, torch.Tensor] = {}
+
+
+def _buffer(key: Any, shape: tuple[int, ...], dtype: torch.dtype, *, pin: bool,
+            device: torch.device | None = None) -> torch.Tensor:
+    """A buffer kept across batches, channels and passes: fresh large host allocations cost page faults."""
+    full = (key, dtype, pin, str(device))
+    numel = int(np.prod(shape))
+    buf = _BUFFERS.get(full)
+    if buf is None or buf.numel() < numel:
+        _BUFFERS[full] = buf = torch.empty(numel, dtype=dtype, pin_memory=pin, device=device)
+    return buf[:numel].view(shape)
+
+
+def release_buffers() -> None:
+    _BUFFERS.clear()
+
+
+def _nan_row(like: torch.Tensor) -> torch.Tensor:
+    return torch.full((like.shape[0], 3), float("nan"), dtype=torch.float32, device=like.device)
+
+
 def run_pass(spec: PassSpec, *, device: torch.device, batch_size: int, io_threads: int = 4, prefetch: int = 2,
              on_progress: Callable[[int], None] | None = None) -> None:
     source, runs = spec.source, spec.runs
@@ -59,10 +85,12 @@ def run_pass(spec: PassSpec, *, device: torch.device, batch_size: int, io_thread
     before, after = _halo(runs, spec.fit)
     window = batch_size + before + after
     cuda = device.type == "cuda"
+    rows, cols = runs[0].region if spec.push_region else (slice(0, source.shape[0]), slice(None))
+    band = (rows.stop - rows.start, source.shape[1])
     torch_in = torch.from_numpy(np.empty(0, source.dtype)).dtype
-    ring = [torch.empty((window, *source.shape), dtype=torch_in, pin_memory=cuda) for _ in range(prefetch + 1)]
+    ring = [_buffer(("ring", k), (window, *band), torch_in, pin=cuda) for k in range(prefetch + 1)]
     ring_free: list[torch.cuda.Event | None] = [None] * len(ring)
-    nan_in = source.dtype.kind == "f"
+    ring_writes: list[list[Future]] = [[] for _ in ring]  # writes still reading from a (CPU) ring buffer
     for r in runs:
         r.stats = np.full((n, N_STATS), np.nan, dtype=np.float32)
     starts = list(range(0, n, batch_size))
@@ -72,6 +100,7 @@ def run_pass(spec: PassSpec, *, device: torch.device, batch_size: int, io_thread
     pending_reads: deque[tuple[int, int, int, list[Future]]] = deque()
     pending_writes: deque[Future] = deque()
     max_writes = 2 * batch_size * max(1, sum(r.out_dir is not None for r in runs))
+    band_rows = rows if spec.push_region else None
 
     def submit(batch_no: int) -> None:
         b0 = starts[batch_no]
@@ -79,9 +108,26 @@ def run_pass(spec: PassSpec, *, device: torch.device, batch_size: int, io_thread
         slot = batch_no % len(ring)
         if ring_free[slot] is not None:
             ring_free[slot].synchronize()  # sync: the buffer's last upload must be done before it is refilled
+        for f in ring_writes[slot]:
+            f.result()  # on the CPU, slices are written straight from the ring buffer
+        ring_writes[slot] = []
         host = ring[slot].numpy()
-        futures = [readers.submit(read_slice, source.slices[i], host[i - w0]) for i in range(w0, w1)]
+        futures = [readers.submit(read_slice, source.slices[i], host[i - w0], band_rows) for i in range(w0, w1)]
         pending_reads.append((slot, w0, w1, futures))
+
+    def write(r: StepRun, host_out: np.ndarray, b0: int, b1: int, slot: int) -> None:
+        for i in range(b0, b1):
+            future = writers.submit(write_slice, r.out_dir / source.slices[i].name, host_out[i - b0], source.slices[i])
+            pending_writes.append(future)
+            ring_writes[slot].append(future)
+
+    scratch = _buffer("scratch", (window, *band), torch.float32, pin=False, device=device)
+
+    def stats_of(t: torch.Tensor, nan_aware: bool) -> torch.Tensor:
+        """Integer slices are converted into a reused float32 buffer: no allocation (and page faults) per batch."""
+        if not t.is_floating_point():
+            t = scratch.view(-1)[: t.numel()].view(t.shape).copy_(t)
+        return slice_stats(t, nan_aware=nan_aware)
 
     try:
         for k in range(min(prefetch, len(starts))):
@@ -98,27 +144,37 @@ def run_pass(spec: PassSpec, *, device: torch.device, batch_size: int, io_thread
                 x = x.to(device, non_blocking=True)
                 ring_free[slot] = torch.cuda.Event()
                 ring_free[slot].record()
-            # On the CPU the ring buffer itself would be the batch: copy, since readers refill it meanwhile.
-            x = x.to(torch.float32, copy=not cuda)
+            x = x[:, :, cols]  # on the CPU a view of the ring buffer: steps never write into their input
             core = slice(b0 - w0, b1 - w0)
             names = [s.name for s in source.slices[w0:w1]]
-            batch = Batch(x, w0, core, names, n)
-            stats = [slice_stats(x[core], nan_aware=nan_in)]
-            for r in runs:
-                batch = Batch(r.step.apply(batch, r.state), w0, core, names, n)
-                out = batch.data[core]
-                stats.append(slice_stats(out, nan_aware=True))
-                if r.out_dir is not None:
-                    stored = to_storage(out, r.out_dtype)
-                    stats.append(slice_stats(stored, nan_aware=False))
-                    host_out = stored.to(r.out_dtype).cpu().numpy()  # sync: slices go to the writer threads
-                    for i in range(b0, b1):
-                        pending_writes.append(writers.submit(
-                            write_slice, r.out_dir / source.slices[i].name, host_out[i - b0], source.slices[i]))
+            # Integer data stays integer (and exact) while steps only select pixels; the first step that
+            # computes gets float32, and from then on what is written is rounded and clipped.
+            exact = not x.is_floating_point()
+            nan_possible = source.dtype.kind == "f"
+            stats = [_nan_row(x[core]) if spec.push_region else stats_of(x[core], nan_possible)]
+            for j, r in enumerate(runs):
+                if r.region is not None and not (j == 0 and spec.push_region):
+                    x = x[:, r.region[0], r.region[1]]
+                elif r.region is None and not x.is_floating_point():
+                    x, exact = x.to(torch.float32), False
+                x = r.step.apply(Batch(x, w0, core, names, n), r.state)
+                nan_possible = nan_possible or r.step.may_make_nan
+                out = x[core]
+                out_stats = stats_of(out, nan_possible)
+                stats.append(out_stats)
+                if r.out_dir is None:
+                    stats.append(_nan_row(out))
+                    continue
+                if out.dtype == r.out_dtype and (exact or out.is_floating_point()):
+                    stored, stored_stats = out, out_stats
                 else:
-                    stats.append(torch.full_like(stats[-1], float("nan")))
+                    stored = to_storage(out.to(torch.float32), r.out_dtype)
+                    stored_stats = slice_stats(stored, nan_aware=r.out_dtype.is_floating_point and nan_possible)
+                stats.append(stored_stats)
+                write(r, stored.to(r.out_dtype).cpu().numpy(), b0, b1, slot)  # sync: to the writer threads
             if spec.fit is not None:
-                spec.fit_partials.append(spec.fit.fit_batch(batch))
+                x = x if x.is_floating_point() else x.to(torch.float32)
+                spec.fit_partials.append(spec.fit.fit_batch(Batch(x, w0, core, names, n)))
             host_stats = torch.cat(stats, dim=1).cpu().numpy()  # sync: (batch, 3 + 6 per step) statistics
             for j, r in enumerate(runs):  # columns: input, then (output, written) per step
                 o = 3 + 6 * j

@@ -11,7 +11,7 @@ DPI = 150
 
 
 def new_figure(width: float = 10, height: float = 4, **kwargs) -> Figure:
-    fig = Figure(figsize=(width, height), **kwargs)
+    fig = Figure(figsize=(width, height), layout="constrained", **kwargs)
     FigureCanvasAgg(fig)
     return fig
 
@@ -19,5 +19,5 @@ def new_figure(width: float = 10, height: float = 4, **kwargs) -> Figure:
 def save(fig: Figure, path: Path) -> None:
     """Write atomically: a reader never sees half a PNG."""
     tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=DPI, format="png", bbox_inches="tight")
+    fig.savefig(tmp, dpi=DPI, format="png")
     tmp.replace(path)

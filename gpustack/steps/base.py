@@ -6,7 +6,8 @@ The runner gives it batches of slices already on the device and owns everything 
 - `output_shape(shape)`: the slice shape it produces; checks the parameters that depend on the image size;
 - `fit_batch(batch)` / `fit_reduce(partials)`: optional statistics pass, a map over batches then a small
   reduction (so that a pass can later be sharded over workers); the runner schedules it before `apply`;
-- `apply(batch, state)`: the correction, torch in, torch out, same number of slices;
+- `apply(batch, state)`: the correction, torch in, torch out, same number of slices; never in place;
+- `region(shape)`: for steps that only select pixels (cropping): the rows and columns kept;
 - `halo`: the neighbouring slices (before, after) `apply` needs around each slice;
 - `write_report(report)`: step-specific files and plots, written after the pass.
 """
@@ -66,6 +67,7 @@ class Step:
     fit_on_first_channel: ClassVar[bool] = False  # fit on channels[0], apply that state to every channel
     work_buffers: ClassVar[int] = 2  # float32 slice-sized buffers per slice at peak, for the batch-size budget
     writes_slices: ClassVar[bool] = True  # False for steps that only compute a state (registration_calculation)
+    may_make_nan: ClassVar[bool] = False  # True if outputs can hold NaN (e.g. 'constant' warps): NaN-aware stats
 
     def __init__(self, config: Any):
         self.config = config
@@ -76,6 +78,14 @@ class Step:
 
     def output_shape(self, shape: tuple[int, int]) -> tuple[int, int]:
         return shape
+
+    def region(self, shape: tuple[int, int]) -> tuple[slice, slice] | None:
+        """(rows, cols) of its input that a step which only selects pixels keeps, else None.
+
+        For such a step the runner cuts the region before `apply` (or reads only those rows), so `apply`
+        receives the region, in whatever dtype the data has, and must only pass it on.
+        """
+        return None
 
     def fit_batch(self, batch: Batch) -> Any:  # pragma: no cover - contract
         raise NotImplementedError

@@ -33,11 +33,13 @@ class Cropping(Step):
         except ValueError as exc:
             raise ParamError("area", str(exc)) from None
 
-    def apply(self, batch: Batch, state: Any) -> "torch.Tensor":
+    def region(self, shape: tuple[int, int]) -> tuple[slice, slice]:
         if self.config.area is None:
-            return batch.data
-        rows, cols = self.config.area.rows_cols(*batch.data.shape[-2:])
-        return batch.data[:, rows, cols]
+            return slice(0, shape[0]), slice(0, shape[1])
+        return self.config.area.rows_cols(*shape)
+
+    def apply(self, batch: Batch, state: Any) -> "torch.Tensor":
+        return batch.data  # the runner has already cut `region` (or read only it)
 
     def write_report(self, report: Report) -> None:
         (height, width), n = report.in_shape, len(report.names)
