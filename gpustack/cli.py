@@ -7,7 +7,10 @@ stderr and a non-zero exit status; a traceback means a bug in gpustack.
 from __future__ import annotations
 
 import argparse
+import importlib
+import os
 import sys
+import threading
 from pathlib import Path
 
 from gpustack import __version__
@@ -67,6 +70,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from gpustack.pipeline.runner import prepare, run
 
     workflow = _load(args)
+    # torch takes a second to import: let it load while the slice headers are checked.
+    threading.Thread(target=importlib.import_module, args=("gpustack.pipeline.stream",), daemon=True).start()
     prepared = prepare(workflow)  # everything checked before the device or any slice is touched
     from gpustack.device import resolve_device
 
@@ -183,5 +188,14 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def entry() -> None:
+    """Console entry point. Everything is written and closed when `main` returns, so the process ends at once
+    instead of spending half a second tearing torch down."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    entry()

@@ -246,8 +246,9 @@ def write_slice(path: Path, data: np.ndarray, info: SliceInfo) -> None:
     """One TIFF with the input slice's private tags and compression, as PyStack3D writes them."""
     compression = None if info.compression == 1 else info.compression
     try:
-        tifffile.imwrite(path, data, compression=compression, extratags=info.private_tags,
-                         photometric="minisblack", metadata=None)
+        with open(path, "wb") as fh:  # an open handle spares tifffile's path resolution, per slice
+            tifffile.imwrite(fh, data, compression=compression, extratags=info.private_tags,
+                             photometric="minisblack", metadata=None)
     except KeyError as exc:
         raise InputError(f"{path}: cannot write with the input's compression: {exc.args[0] if exc.args else exc}; "
                          "install it with `pip install imagecodecs`") from None

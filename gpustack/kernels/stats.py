@@ -14,9 +14,9 @@ def slice_stats(x: torch.Tensor, *, nan_aware: bool = True) -> torch.Tensor:
     flat = x.reshape(x.shape[0], -1)
     if not flat.is_floating_point():  # integer slices: exact in float32 up to 2**24, i.e. uint8 and uint16
         flat, nan_aware = flat.to(torch.float32), False
-    if not nan_aware:
-        lo, hi = torch.aminmax(flat, dim=1)
-        return torch.stack([lo, hi, flat.mean(dim=1, dtype=torch.float32)], dim=1).to(torch.float32)
+    if not nan_aware:  # amin and amax apart: torch's fused aminmax is several times slower on the CPU
+        return torch.stack([flat.amin(dim=1), flat.amax(dim=1), flat.mean(dim=1, dtype=torch.float32)],
+                           dim=1).to(torch.float32)
     finite = torch.isfinite(flat)
     count = finite.sum(dim=1)
     inf = torch.tensor(float("inf"), dtype=flat.dtype, device=flat.device)

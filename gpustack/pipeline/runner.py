@@ -195,16 +195,19 @@ def run(prepared: Prepared, *, device_choice: Any, overwrite: bool = False, show
     reporter = ThreadPoolExecutor(1, thread_name_prefix="gpustack-report")
     reporter.submit(_prewarm_plotting)
     finishing: dict[int, Future] = {}
+    reports: dict[int, list[Future]] = {}
 
-    def finish_step(i: int, number: int, indices: list[int], writes: set[int], elapsed: float,
-                    runs: dict[str, StepRun]) -> None:
+    def channel_report(i: int, channel: str, run_: StepRun) -> None:
         step = steps[i]
-        for channel in channels:
-            outputs = (partials[i] if channel == "." else partials[i] / channel) / "outputs"
-            names = list(prepared.sources[channel].names)
-            write_stats(outputs, runs[channel].stats, names, step.name + ("" if channel == "." else f" - {channel}"))
-            step.write_report(Report(outputs, runs[channel].state, runs[channel].stats, names, prepared.shapes[i],
-                                     prepared.shapes[i + 1]))
+        outputs = (partials[i] if channel == "." else partials[i] / channel) / "outputs"
+        names = list(prepared.sources[channel].names)
+        write_stats(outputs, run_.stats, names, step.name + ("" if channel == "." else f" - {channel}"))
+        step.write_report(Report(outputs, run_.state, run_.stats, names, prepared.shapes[i], prepared.shapes[i + 1]))
+
+    def finish_step(i: int, number: int, indices: list[int], writes: set[int], elapsed: float) -> None:
+        step = steps[i]
+        for report in reports.pop(i):  # done already (the reporter runs tasks in order); raises if one failed
+            report.result()
         _commit(partials[i], process / step.name)
         manifest.record_step(step.name, fingerprint=fps[i], params=to_jsonable(step.config), version=step.version,
                              slices=n, channels=channels, pass_number=number,
@@ -256,6 +259,8 @@ def run(prepared: Prepared, *, device_choice: Any, overwrite: bool = False, show
                     run_pass(spec, device=device, batch_size=batch, io_threads=min(8, (wf.nproc or 2) * 2),
                              on_progress=advance)
                 runs_by_channel[channel] = runs
+                for j, i in enumerate(indices):  # this channel's plots render while the next channel streams
+                    reports.setdefault(i, []).append(reporter.submit(channel_report, i, channel, runs[j]))
                 if fit is not None:
                     fit_partials[channel] = spec.fit_partials
             if plan.fit is not None:
@@ -265,8 +270,7 @@ def run(prepared: Prepared, *, device_choice: Any, overwrite: bool = False, show
             elapsed = time.perf_counter() - pass_start
             for j, i in enumerate(indices):
                 timings[steps[i].name] = elapsed
-                finishing[i] = reporter.submit(finish_step, i, number, indices, writes, elapsed,
-                                               {c: runs_by_channel[c][j] for c in channels})
+                finishing[i] = reporter.submit(finish_step, i, number, indices, writes, elapsed)
         for future in finishing.values():
             future.result()
     finally:

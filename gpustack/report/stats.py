@@ -34,13 +34,15 @@ def plot_stats(path: Path, stats: np.ndarray, title: str) -> None:
     fig = new_figure(12, 3.6)
     axes = fig.subplots(1, 3)
     x = np.arange(len(stats))
+    input_read = bool(np.isfinite(stats[:, :3]).any())
     for k, (ax, what) in enumerate(zip(axes, ("Min", "Max", "Mean"))):
-        ax.plot(x, stats[:, k], label="input", lw=1)
-        ax.plot(x, stats[:, 3 + k], label="output", lw=1)
+        if input_read:
+            ax.plot(x, stats[:, k], label="input", lw=1)
+        ax.plot(x, stats[:, 3 + k], label="output", lw=1, color="C1")
         if np.isfinite(stats[:, 6 + k]).any() and not np.allclose(stats[:, 6 + k], stats[:, 3 + k], equal_nan=True):
             ax.plot(x, stats[:, 6 + k], label="written", lw=1, ls="--")
         ax.set_title(what)
         ax.set_xlabel("slice")
     axes[0].legend(fontsize="small")
-    fig.suptitle(title)
+    fig.suptitle(title if input_read else f"{title} (input statistics: only the kept rows were read)")
     save(fig, path)

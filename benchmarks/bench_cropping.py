@@ -1,0 +1,169 @@
+"""Cropping workflow: gpustack vs PyStack3D (nproc=2) vs a bare tifffile read+write loop, same data, one run.
+
+The paper's case is large slices cropped to a much smaller region; by default 200 slices of 2048x2048 uint16
+in two channels, cropped to the central 1024x1024. Each contender runs as its own process (start-up counts),
+`--repeats` times, interleaved; the median is reported. `--cold` drops the input files from the page cache
+before every run (posix_fadvise), as when a stack is read from disk for the first time.
+
+    python benchmarks/bench_cropping.py                # warm and cold cache, writes RESULTS.md
+    python benchmarks/bench_cropping.py --slices 50 --size 1024 --no-results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import evict, machine, python, summary, timed, update_results  # noqa: E402
+from gpustack.synthetic import SyntheticSpec, SyntheticStack, generate  # noqa: E402
+
+CHANNELS = ("SE2", "ESB")
+
+BARE_LOOP = """
+import sys, os, glob, tifffile
+src, dst, r0, r1, c0, c1 = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:7])
+for ch in sys.argv[7:]:
+    os.makedirs(os.path.join(dst, ch), exist_ok=True)
+    for f in sorted(glob.glob(os.path.join(src, ch, '*.tif'))):
+        tifffile.imwrite(os.path.join(dst, ch, os.path.basename(f)), tifffile.imread(f)[r0:r1, c0:c1])
+"""
+
+PYSTACK3D = """
+import sys
+from pystack3d import Stack3d
+Stack3d(sys.argv[1]).eval(process_steps=["cropping"], nproc=int(sys.argv[2]), show_pbar=False)
+"""
+
+
+def dataset(root: Path, slices: int, size: int) -> SyntheticStack:
+    spec = SyntheticSpec(n_slices=slices, height=size, width=size, channels=CHANNELS, delete_from=None, seed=7)
+    if (root / "truth.json").exists():
+        stack = SyntheticStack.load(root)
+        if stack.spec == spec:
+            return stack
+        shutil.rmtree(root)
+    print(f"generating {slices} slices of {size}x{size} uint16 x {len(CHANNELS)} channels in {root} ...", flush=True)
+    start = time.perf_counter()
+    stack = generate(root, spec)
+    print(f"  {time.perf_counter() - start:.0f} s", flush=True)
+    return stack
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--slices", type=int, default=200)
+    parser.add_argument("--size", type=int, default=2048)
+    parser.add_argument("--crop", type=int, default=1024, help="side of the central square kept")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--nproc", type=int, default=2, help="PyStack3D processes")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--work", type=Path, default=Path("bench-data/cropping"))
+    parser.add_argument("--cache", choices=["warm", "cold", "both"], default="both")
+    parser.add_argument("--no-pystack3d", action="store_true")
+    parser.add_argument("--no-results", action="store_true", help="do not update benchmarks/RESULTS.md")
+    args = parser.parse_args()
+
+    work = args.work.resolve()
+    data = dataset(work / "data", args.slices, args.size)
+    lo = (args.size - args.crop) // 2
+    area = [lo, lo + args.crop, lo, lo + args.crop]  # bottom-left origin; rows = size - ymax : size - ymin
+    r0, r1, c0, c1 = args.size - area[3], args.size - area[2], area[0], area[1]
+    inputs = [p for ch in CHANNELS for p in data.files(ch)]
+    params = ("channels = [\"SE2\", \"ESB\"]\nnproc = {nproc}\nind_min = 0\nind_max = 99999\n"
+              "process_steps = [\"cropping\"]\nhistory = []\n[cropping]\narea = {area}\n")
+
+    ours = work / "gpustack"
+    ours.mkdir(parents=True, exist_ok=True)
+    (ours / "params.toml").write_text(f"project_dir = {str(data.root)!r}\noutput_dir = {str(ours)!r}\n"
+                                      + params.format(nproc=args.nproc, area=area))
+    theirs = work / "pystack3d"
+    theirs.mkdir(parents=True, exist_ok=True)
+    for ch in CHANNELS:  # PyStack3D wants the channels inside its project folder: links, not copies
+        link = theirs / ch
+        if not link.exists():
+            link.symlink_to(data.channel_dir(ch), target_is_directory=True)
+    bare = work / "bare"
+    gpustack_cli = [python(), "-m", "gpustack", "run", str(ours / "params.toml"), "--overwrite", "-q",
+                    "--device", args.device]
+
+    contenders = {
+        "bare tifffile loop": (lambda: shutil.rmtree(bare, ignore_errors=True),
+                               [python(), "-c", BARE_LOOP, str(data.root), str(bare), *map(str, (r0, r1, c0, c1)),
+                                *CHANNELS]),
+        "gpustack": (lambda: None, gpustack_cli),
+    }
+    if not args.no_pystack3d:
+        def reset_pystack3d() -> None:
+            shutil.rmtree(theirs / "process", ignore_errors=True)
+            (theirs / "params.toml").write_text(params.format(nproc=args.nproc, area=area))
+
+        contenders[f"PyStack3D (nproc={args.nproc})"] = (
+            reset_pystack3d, [python(), "-c", PYSTACK3D, str(theirs), str(args.nproc)])
+
+    caches = ["warm", "cold"] if args.cache == "both" else [args.cache]
+    results: dict[str, dict[str, list[tuple[float, float]]]] = {c: {k: [] for k in contenders} for c in caches}
+    for cache in caches:
+        for name, (reset, cmd) in contenders.items():  # one untimed run: warm the cache and the imports
+            reset()
+            timed(cmd)
+        for rep in range(args.repeats):
+            for name, (reset, cmd) in contenders.items():
+                reset()
+                if cache == "cold" and not evict(inputs):
+                    raise SystemExit("this OS cannot drop files from the page cache; use --cache warm")
+                seconds, peak = timed(cmd)
+                results[cache][name].append((seconds, peak))
+                print(f"{cache:4} {rep + 1}/{args.repeats} {name:24} {seconds:7.2f} s  {peak:7.0f} MiB", flush=True)
+
+    # Same pixels from all three.
+    for k in (0, args.slices // 2, args.slices - 1):
+        name = data.files("ESB")[k].name
+        a = tifffile.imread(ours / "process" / "cropping" / "ESB" / name)
+        np.testing.assert_array_equal(a, tifffile.imread(bare / "ESB" / name))
+        if not args.no_pystack3d:
+            np.testing.assert_array_equal(a, tifffile.imread(theirs / "process" / "cropping" / "ESB" / name))
+
+    startup = {}
+    for label, cmd in {"gpustack --help": [python(), "-m", "gpustack", "--help"],
+                       "gpustack validate": [python(), "-m", "gpustack", "validate", str(ours / "params.toml")]}.items():
+        startup[label] = summary([timed(cmd)[0] for _ in range(3)])
+
+    n_total = args.slices * len(CHANNELS)
+    lines = [f"Machine: {machine()}.", "",
+             f"`python benchmarks/bench_cropping.py --slices {args.slices} --size {args.size} --crop {args.crop} "
+             f"--repeats {args.repeats} --device {args.device}`: {args.slices} slices x {len(CHANNELS)} channels of "
+             f"{args.size}x{args.size} uint16 (synthetic, uncompressed, {n_total * args.size**2 * 2 / 2**30:.1f} GiB), "
+             f"cropped to {args.crop}x{args.crop}. Each contender is a fresh process (start-up included); median of "
+             f"{args.repeats} interleaved runs. Cold: the inputs dropped from the page cache before each run.", "",
+             "| cache | contender | seconds | slices/s | peak RSS MiB | vs bare loop | gpustack speed-up |",
+             "|---|---|---|---|---|---|---|"]
+    out = {"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()}, "results": {}, "startup": startup}
+    for cache in caches:
+        bare_s = summary([s for s, _ in results[cache]["bare tifffile loop"]])
+        ours_s = summary([s for s, _ in results[cache]["gpustack"]])
+        for name, runs in results[cache].items():
+            secs = summary([s for s, _ in runs])
+            peak = max(p for _, p in runs)
+            speed = f"{secs / ours_s:.1f}x" if name != "gpustack" else ""
+            lines.append(f"| {cache} | {name} | {secs:.2f} | {n_total / secs:.0f} | {peak:.0f} | {secs / bare_s:.2f} | {speed} |")
+            out["results"].setdefault(cache, {})[name] = {"seconds": [s for s, _ in runs], "peak_mib": peak}
+    lines += ["", "Start-up (median of 3): " + ", ".join(f"`{k}` {v:.2f} s" for k, v in startup.items())
+              + " (neither imports torch)."]
+    text = "\n".join(lines)
+    print("\n" + text)
+    (work / "cropping.json").write_text(json.dumps(out, indent=2))
+    if not args.no_results:
+        update_results("cropping", "## Cropping workflow (issue: engine)\n\n" + text)
+
+
+if __name__ == "__main__":
+    main()
