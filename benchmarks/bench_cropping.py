@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import textwrap
@@ -30,10 +31,10 @@ CHANNELS = ("SE2", "ESB")
 
 BARE_LOOP = """
 import sys, os, glob, tifffile
-src, dst, r0, r1, c0, c1 = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:7])
-for ch in sys.argv[7:]:
+src, dst, count, r0, r1, c0, c1 = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:8])
+for ch in sys.argv[8:]:
     os.makedirs(os.path.join(dst, ch), exist_ok=True)
-    for f in sorted(glob.glob(os.path.join(src, ch, '*.tif'))):
+    for f in sorted(glob.glob(os.path.join(src, ch, '*.tif')))[:count]:
         tifffile.imwrite(os.path.join(dst, ch, os.path.basename(f)), tifffile.imread(f)[r0:r1, c0:c1])
 """
 
@@ -64,6 +65,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=2048)
     parser.add_argument("--crop", type=int, default=1024, help="side of the central square kept")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--also", type=int, default=50,
+                        help="also run on the first N slices only (ind_max), to separate start-up from per-slice cost; 0: off")
     parser.add_argument("--nproc", type=int, default=2, help="PyStack3D processes")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--work", type=Path, default=Path("bench-data/cropping"))
@@ -78,91 +81,111 @@ def main() -> None:
     area = [lo, lo + args.crop, lo, lo + args.crop]  # bottom-left origin; rows = size - ymax : size - ymin
     r0, r1, c0, c1 = args.size - area[3], args.size - area[2], area[0], area[1]
     inputs = [p for ch in CHANNELS for p in data.files(ch)]
-    params = ("channels = [\"SE2\", \"ESB\"]\nnproc = {nproc}\nind_min = 0\nind_max = 99999\n"
+    params = ("channels = [\"SE2\", \"ESB\"]\nnproc = {nproc}\nind_min = 0\nind_max = {ind_max}\n"
               "process_steps = [\"cropping\"]\nhistory = []\n[cropping]\narea = {area}\n")
 
-    ours = work / "gpustack"
+    ours, theirs, bare = work / "gpustack", work / "pystack3d", work / "bare"
     ours.mkdir(parents=True, exist_ok=True)
-    (ours / "params.toml").write_text(f"project_dir = {str(data.root)!r}\noutput_dir = {str(ours)!r}\n"
-                                      + params.format(nproc=args.nproc, area=area))
-    theirs = work / "pystack3d"
     theirs.mkdir(parents=True, exist_ok=True)
     for ch in CHANNELS:  # PyStack3D wants the channels inside its project folder: links, not copies
         link = theirs / ch
         if not link.exists():
             link.symlink_to(data.channel_dir(ch), target_is_directory=True)
-    bare = work / "bare"
-    gpustack_cli = [python(), "-m", "gpustack", "run", str(ours / "params.toml"), "--overwrite", "-q",
-                    "--device", args.device]
 
-    contenders = {
-        "bare tifffile loop": (lambda: shutil.rmtree(bare, ignore_errors=True),
-                               [python(), "-c", BARE_LOOP, str(data.root), str(bare), *map(str, (r0, r1, c0, c1)),
-                                *CHANNELS]),
-        "gpustack": (lambda: None, gpustack_cli),
-    }
-    if not args.no_pystack3d:
-        def reset_pystack3d() -> None:
+    def check_same_pixels() -> None:
+        """The three contenders wrote the same pixels."""
+        for k in (0, args.slices // 2, args.slices - 1):
+            name = data.files("ESB")[k].name
+            a = tifffile.imread(ours / "process" / "cropping" / "ESB" / name)
+            np.testing.assert_array_equal(a, tifffile.imread(bare / "ESB" / name))
+            if not args.no_pystack3d:
+                np.testing.assert_array_equal(a, tifffile.imread(theirs / "process" / "cropping" / "ESB" / name))
+
+    def contenders(count: int) -> dict:
+        """name -> (reset before each run, command), all on the first `count` slices."""
+        text = params.format(nproc=args.nproc, area=area, ind_max=count - 1)
+
+        def reset_ours() -> None:
+            (ours / "params.toml").write_text(f"project_dir = {str(data.root)!r}\noutput_dir = {str(ours)!r}\n" + text)
+
+        def reset_theirs() -> None:
             shutil.rmtree(theirs / "process", ignore_errors=True)
-            (theirs / "params.toml").write_text(params.format(nproc=args.nproc, area=area))
+            (theirs / "params.toml").write_text(text)  # PyStack3D rewrites it (history): start afresh
 
-        contenders[f"PyStack3D (nproc={args.nproc})"] = (
-            reset_pystack3d, [python(), "-c", PYSTACK3D, str(theirs), str(args.nproc)])
+        found = {
+            "bare tifffile loop": (lambda: shutil.rmtree(bare, ignore_errors=True),
+                                   [python(), "-c", BARE_LOOP, str(data.root), str(bare), str(count),
+                                    *map(str, (r0, r1, c0, c1)), *CHANNELS]),
+            "gpustack": (reset_ours, [python(), "-m", "gpustack", "run", str(ours / "params.toml"), "--overwrite",
+                                      "-q", "--device", args.device]),
+        }
+        if not args.no_pystack3d:
+            found[f"PyStack3D (nproc={args.nproc})"] = (reset_theirs, [python(), "-c", PYSTACK3D, str(theirs),
+                                                                      str(args.nproc)])
+        return found
 
     caches = ["warm", "cold"] if args.cache == "both" else [args.cache]
-    results: dict[str, dict[str, list[tuple[float, float]]]] = {c: {k: [] for k in contenders} for c in caches}
+    counts = [args.slices] + ([args.also] if 0 < args.also < args.slices else [])
+    results: dict = {}
     for cache in caches:
-        for name, (reset, cmd) in contenders.items():  # one untimed run: warm the cache and the imports
-            reset()
-            timed(cmd)
-        for rep in range(args.repeats):
-            for name, (reset, cmd) in contenders.items():
+        for count in counts:
+            runs = contenders(count)
+            for name, (reset, cmd) in runs.items():  # one untimed run: warm the cache and the imports
                 reset()
-                if cache == "cold" and not evict(inputs):
-                    raise SystemExit("this OS cannot drop files from the page cache; use --cache warm")
-                seconds, peak = timed(cmd)
-                results[cache][name].append((seconds, peak))
-                print(f"{cache:4} {rep + 1}/{args.repeats} {name:24} {seconds:7.2f} s  {peak:7.0f} MiB", flush=True)
-
-    # Same pixels from all three.
-    for k in (0, args.slices // 2, args.slices - 1):
-        name = data.files("ESB")[k].name
-        a = tifffile.imread(ours / "process" / "cropping" / "ESB" / name)
-        np.testing.assert_array_equal(a, tifffile.imread(bare / "ESB" / name))
-        if not args.no_pystack3d:
-            np.testing.assert_array_equal(a, tifffile.imread(theirs / "process" / "cropping" / "ESB" / name))
+                timed(cmd)
+            for rep in range(args.repeats):
+                for name, (reset, cmd) in runs.items():
+                    reset()
+                    os.sync()  # no contender pays for the write-back of the previous one's output
+                    if cache == "cold" and not evict(inputs):
+                        raise SystemExit("this OS cannot drop files from the page cache; use --cache warm")
+                    seconds, peak = timed(cmd)
+                    results.setdefault((cache, count), {}).setdefault(name, []).append((seconds, peak))
+                    print(f"{cache:4} {count:4} slices {rep + 1}/{args.repeats} {name:24} {seconds:7.2f} s  "
+                          f"{peak:7.0f} MiB", flush=True)
+            if count == args.slices:
+                check_same_pixels()
 
     startup = {}
     for label, cmd in {"gpustack --help": [python(), "-m", "gpustack", "--help"],
                        "gpustack validate": [python(), "-m", "gpustack", "validate", str(ours / "params.toml")]}.items():
         startup[label] = summary([timed(cmd)[0] for _ in range(3)])
 
-    n_total = args.slices * len(CHANNELS)
     lines = [f"Machine: {machine()}.", "",
              f"`python benchmarks/bench_cropping.py --slices {args.slices} --size {args.size} --crop {args.crop} "
-             f"--repeats {args.repeats} --device {args.device}`: {args.slices} slices x {len(CHANNELS)} channels of "
-             f"{args.size}x{args.size} uint16 (synthetic, uncompressed, {n_total * args.size**2 * 2 / 2**30:.1f} GiB), "
-             f"cropped to {args.crop}x{args.crop}. Each contender is a fresh process (start-up included); median of "
-             f"{args.repeats} interleaved runs. Cold: the inputs dropped from the page cache before each run.", "",
-             "| cache | contender | seconds | slices/s | peak RSS MiB | vs bare loop | gpustack speed-up |",
-             "|---|---|---|---|---|---|---|"]
-    out = {"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()}, "results": {}, "startup": startup}
-    for cache in caches:
-        bare_s = summary([s for s, _ in results[cache]["bare tifffile loop"]])
-        ours_s = summary([s for s, _ in results[cache]["gpustack"]])
-        for name, runs in results[cache].items():
-            secs = summary([s for s, _ in runs])
-            peak = max(p for _, p in runs)
-            speed = f"{secs / ours_s:.1f}x" if name != "gpustack" else ""
-            lines.append(f"| {cache} | {name} | {secs:.2f} | {n_total / secs:.0f} | {peak:.0f} | {secs / bare_s:.2f} | {speed} |")
-            out["results"].setdefault(cache, {})[name] = {"seconds": [s for s, _ in runs], "peak_mib": peak}
+             f"--repeats {args.repeats} --device {args.device}`: {len(CHANNELS)} channels of {args.size}x{args.size} "
+             f"uint16 slices (synthetic, uncompressed, {args.slices * len(CHANNELS) * args.size**2 * 2 / 2**30:.1f} "
+             f"GiB at {args.slices} slices), cropped to {args.crop}x{args.crop}. Each contender is a fresh process "
+             f"(start-up included); median of {args.repeats} interleaved runs. Cold: the inputs dropped from the page "
+             "cache before each run.", "",
+             "| cache | slices x channels | contender | seconds | slices/s | peak RSS MiB | time / bare loop | "
+             "time / gpustack |", "|---|---|---|---|---|---|---|---|"]
+    out = {"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()}, "results": [], "startup": startup}
+    median = {key: {name: summary([s for s, _ in v]) for name, v in runs.items()} for key, runs in results.items()}
+    for (cache, count), runs in results.items():
+        bare_s, ours_s = median[(cache, count)]["bare tifffile loop"], median[(cache, count)]["gpustack"]
+        for name, values in runs.items():
+            secs, peak = median[(cache, count)][name], max(p for _, p in values)
+            lines.append(f"| {cache} | {count} x {len(CHANNELS)} | {name} | {secs:.2f} | {count * len(CHANNELS) / secs:.0f} "
+                         f"| {peak:.0f} | {secs / bare_s:.2f} | {secs / ours_s:.2f} |")
+            out["results"].append({"cache": cache, "slices": count, "contender": name,
+                                   "seconds": [s for s, _ in values], "peak_mib": peak})
+    if len(counts) == 2:
+        lines += ["", f"Marginal cost per slice (both channels), from the difference between {counts[0]} and "
+                  f"{counts[1]} slices, i.e. without start-up:", "",
+                  "| cache | contender | ms per slice | vs gpustack |", "|---|---|---|---|"]
+        for cache in caches:
+            marginal = {name: 1000 * (median[(cache, counts[0])][name] - median[(cache, counts[1])][name])
+                        / (counts[0] - counts[1]) for name in median[(cache, counts[0])]}
+            for name, ms in marginal.items():
+                lines.append(f"| {cache} | {name} | {ms:.2f} | {ms / marginal['gpustack']:.2f} |")
     lines += ["", "Start-up (median of 3): " + ", ".join(f"`{k}` {v:.2f} s" for k, v in startup.items())
               + " (neither imports torch)."]
     text = "\n".join(lines)
     print("\n" + text)
     (work / "cropping.json").write_text(json.dumps(out, indent=2))
     if not args.no_results:
-        update_results("cropping", "## Cropping workflow (issue: engine)\n\n" + text)
+        update_results("cropping", "## Cropping workflow (engine issue)\n\n" + text)
 
 
 if __name__ == "__main__":

@@ -173,7 +173,10 @@ def run_pass(spec: PassSpec, *, device: torch.device, batch_size: int, io_thread
                 stats.append(stored_stats)
                 write(r, stored.to(r.out_dtype).cpu().numpy(), b0, b1, slot)  # sync: to the writer threads
             if spec.fit is not None:
-                x = x if x.is_floating_point() else x.to(torch.float32)
+                if not x.is_floating_point():
+                    x = x.to(torch.float32)
+                elif x.untyped_storage().data_ptr() == ring[slot].untyped_storage().data_ptr():
+                    x = x.clone()  # a fit may keep (a view of) its batch; the ring buffer will be refilled
                 spec.fit_partials.append(spec.fit.fit_batch(Batch(x, w0, core, names, n)))
             host_stats = torch.cat(stats, dim=1).cpu().numpy()  # sync: (batch, 3 + 6 per step) statistics
             for j, r in enumerate(runs):  # columns: input, then (output, written) per step

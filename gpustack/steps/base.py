@@ -5,7 +5,8 @@ The runner gives it batches of slices already on the device and owns everything 
 - `Config`: a frozen dataclass of `schema.param`s built from the step's TOML table;
 - `output_shape(shape)`: the slice shape it produces; checks the parameters that depend on the image size;
 - `fit_batch(batch)` / `fit_reduce(partials)`: optional statistics pass, a map over batches then a small
-  reduction (so that a pass can later be sharded over workers); the runner schedules it before `apply`;
+  reduction (so that a pass can later be sharded over workers); the runner schedules it before `apply`.
+  `batch.data[batch.core]` are the slices to account for; the rest is halo;
 - `apply(batch, state)`: the correction, torch in, torch out, same number of slices; never in place;
 - `region(shape)`: for steps that only select pixels (cropping): the rows and columns kept;
 - `halo`: the neighbouring slices (before, after) `apply` needs around each slice;
