@@ -7,10 +7,8 @@ stderr and a non-zero exit status; a traceback means a bug in gpustack.
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
-import threading
 from pathlib import Path
 
 from gpustack import __version__
@@ -70,8 +68,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     from gpustack.pipeline.runner import prepare, run
 
     workflow = _load(args)
-    # torch takes a second to import: let it load while the slice headers are checked.
-    threading.Thread(target=importlib.import_module, args=("gpustack.pipeline.stream",), daemon=True).start()
     prepared = prepare(workflow)  # everything checked before the device or any slice is touched
     from gpustack.device import resolve_device
 
