@@ -118,6 +118,12 @@ def _step_list(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _device(value: Any) -> str:
+    if not isinstance(value, str) or not DEVICE_PATTERN.match(value.strip().lower()):
+        raise ValueError(f"expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {value!r}")
+    return value.strip().lower()
+
+
 _TOP_COERCE = {
     "channels": _channels,
     "ind_min": schema.integer(0),
@@ -125,18 +131,12 @@ _TOP_COERCE = {
     "nproc": schema.integer(1),
     "process_steps": _step_list,
     "history": _step_list,
-    "device": lambda v: _device(v),
+    "device": _device,
     "batch_size": schema.integer(1),
     "memory_budget": parse_memory,
     "save_intermediate": schema.boolean,
     "output_dtype": schema.choice("input", "float32"),
 }
-
-
-def _device(value: Any) -> str:
-    if not isinstance(value, str) or not DEVICE_PATTERN.match(value.strip().lower()):
-        raise ValueError(f"expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {value!r}")
-    return value.strip().lower()
 
 
 def _path(value: Any) -> str:
