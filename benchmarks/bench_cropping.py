@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -130,7 +129,7 @@ def main() -> None:
     for cache in caches:
         for count in counts:
             runs = contenders(count)
-            for name, (reset, cmd) in runs.items():  # one untimed run: warm the cache and the imports
+            for reset, cmd in runs.values():  # one untimed run: warm the cache and the imports
                 reset()
                 timed(cmd)
             for rep in range(args.repeats):

@@ -227,7 +227,7 @@ class _Model:
 
     # ---- random draws (only at generation; load() reads them back) ----
     def _draw(self) -> None:
-        s, n, H, W, C = self.spec, self.n, self.H, self.W, self.C
+        s, n, C = self.spec, self.n, self.C
         rng = _rng(s.seed, _S_GEOMETRY)
         x0, x1 = self.cols.start, self.cols.stop
         y0, y1 = self.rows.start, self.rows.stop

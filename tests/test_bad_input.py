@@ -209,7 +209,7 @@ def test_misspelled_key_in_step_table(tmp_path, capsys):
 
 def test_misspelled_key_console_script(tmp_path):
     write_stack(tmp_path)
-    params = write_params(tmp_path, 'process_steps = ["cropping"]\n[cropping]\naera = [0, 20, 0, 16]\n')
+    write_params(tmp_path, 'process_steps = ["cropping"]\n[cropping]\naera = [0, 20, 0, 16]\n')
     proc = run_script("run", "params.toml", cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stdout

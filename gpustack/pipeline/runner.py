@@ -268,7 +268,7 @@ def run(prepared: Prepared, *, device_choice: Any, overwrite: bool = False, show
                 reduced = {c: fit_step.fit_reduce(p) for c, p in fit_partials.items()}
                 states[plan.fit] = {c: reduced.get(c, reduced.get(channels[0])) for c in channels}
             elapsed = time.perf_counter() - pass_start
-            for j, i in enumerate(indices):
+            for i in indices:
                 timings[steps[i].name] = elapsed
                 finishing[i] = reporter.submit(finish_step, i, number, indices, writes, elapsed)
         for future in finishing.values():
