@@ -160,8 +160,7 @@ def test_history_starts_from_the_last_done_step(tmp_path):
                           "[cropping]\narea = [0, 20, 0, 30]\n[cropping_final]\narea = [0, 10, 0, 30]\n")
     run_params(params)
     # A PyStack3D user who ran cropping elsewhere lists it in history: gpustack reads process/cropping.
-    write_params(tmp_path, params.read_text() + "").write_text(
-        'history = ["cropping"]\n' + params.read_text())
+    params.write_text('history = ["cropping"]\n' + params.read_text())
     summary = run_params(params, overwrite=True)
     assert summary.ran == ["cropping_final"]
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "process" / "cropping_final" / "slice_0001.tif"),

@@ -166,7 +166,7 @@ def run(prepared: Prepared, *, device_choice: Any, overwrite: bool = False, show
     first_todo = next((i for i, d in enumerate(done) if not d), len(steps))
     if first_todo == len(steps):
         log(f"all {len(steps)} steps are up to date in {process} (--overwrite recomputes them)")
-        return RunSummary([], [s.name for s in steps], 0.0, 0, len(channels), str(device_choice.device), process)
+        return RunSummary([], [s.name for s in steps], 0.0, 0, len(channels), device_choice.description, process)
     # Start at the first stale step if the output it reads was written; otherwise recompute from further back.
     start = first_todo
     while True:

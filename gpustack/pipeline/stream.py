@@ -149,14 +149,13 @@ def run_pass(spec: PassSpec, *, device: torch.device, batch_size: int, io_thread
             names = [s.name for s in source.slices[w0:w1]]
             # Integer data stays integer (and exact) while steps only select pixels; the first step that
             # computes gets float32, and from then on what is written is rounded and clipped.
-            exact = not x.is_floating_point()
             nan_possible = source.dtype.kind == "f"
             stats = [_nan_row(x[core]) if spec.push_region else stats_of(x[core], nan_possible)]
             for j, r in enumerate(runs):
                 if r.region is not None and not (j == 0 and spec.push_region):
                     x = x[:, r.region[0], r.region[1]]
                 elif r.region is None and not x.is_floating_point():
-                    x, exact = x.to(torch.float32), False
+                    x = x.to(torch.float32)
                 x = r.step.apply(Batch(x, w0, core, names, n), r.state)
                 nan_possible = nan_possible or r.step.may_make_nan
                 out = x[core]
@@ -165,7 +164,7 @@ def run_pass(spec: PassSpec, *, device: torch.device, batch_size: int, io_thread
                 if r.out_dir is None:
                     stats.append(_nan_row(out))
                     continue
-                if out.dtype == r.out_dtype and (exact or out.is_floating_point()):
+                if out.dtype == r.out_dtype:  # integer here means untouched input pixels: written as they are
                     stored, stored_stats = out, out_stats
                 else:
                     stored = to_storage(out.to(torch.float32), r.out_dtype)
