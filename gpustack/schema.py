@@ -16,6 +16,14 @@ from gpustack.errors import ConfigError
 Coerce = Callable[[Any], Any]  # raises ValueError with a short reason
 
 
+class Invalid(ValueError):
+    """A parameter that is wrong given the others (raised by a config's `__post_init__`) or given the data."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(message)
+
+
 def param(default: Any, coerce: Coerce, doc: str, *, required: bool = False) -> Any:
     """A step parameter: its default, how a TOML value becomes a Python value, and one line of documentation."""
     return dataclasses.field(default=default, metadata={"coerce": coerce, "doc": doc, "required": required})
@@ -86,6 +94,21 @@ def area(value: Any) -> Area:
     return Area(xmin, xmax, ymin, ymax)
 
 
+def string(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {_type_name(value)} {value!r}")
+    return value
+
+
+def number_pair(value: Any) -> tuple[float, float]:
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise ValueError(f"expected [low, high], got {_type_name(value)} {value!r}")
+    lo, hi = (number()(v) for v in value)
+    if not lo < hi:
+        raise ValueError(f"{list(value)} needs low < high")
+    return lo, hi
+
+
 def optional(coerce: Coerce) -> Coerce:
     """None, or '' as PyStack3D's writer and GUI store it, means 'not set'."""
 
@@ -114,7 +137,10 @@ def build(cls: type, table: Mapping[str, Any], *, file: str | None, name: str) -
             values[key] = f.metadata["coerce"](table[key])
         except ValueError as exc:
             raise ConfigError(str(exc), file=file, table=name, key=key) from None
-    return cls(**values)
+    try:
+        return cls(**values)
+    except Invalid as exc:  # checks across keys, e.g. threshold_min < threshold_max
+        raise ConfigError(str(exc), file=file, table=name, key=exc.key) from None
 
 
 def describe(cls: type) -> list[tuple[str, Any, str]]:

@@ -47,9 +47,15 @@ def test_pystack3d_template_is_read_unchanged(tmp_path):
     assert wf.step_names == ("cropping",)
     assert wf.steps[0].config.area == Area(0, 99999, 0, 99999)
     # steps this version does not have yet are named, not silently dropped
-    assert any("bkg_removal" in note for note in wf.warnings)
-    with pytest.raises(ConfigError, match=r"\[bkg_removal\].*does not provide yet"):
+    assert any("destriping" in note for note in wf.warnings)
+    with pytest.raises(ConfigError, match=r"\[registration_calculation\].*does not provide yet"):
         load_workflow(path)
+    # the template's own values for the steps gpustack has are accepted as they are
+    wf = load_workflow(path, steps=["cropping", "bkg_removal", "intensity_rescaling", "intensity_rescaling_area"])
+    bkg = wf.steps[1].config
+    assert bkg.orders == (1, 2, 1) and bkg.cross_terms and bkg.skip_factors == (10, 10, 10)
+    assert bkg.threshold_min == 2 and bkg.preserve_avg and bkg.dim == 3
+    assert wf.steps[3].config.factors_range == (0.8, 1.2)
 
 
 def test_deprecated_dirname_and_relative_project_dir(tmp_path):

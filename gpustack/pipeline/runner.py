@@ -202,7 +202,9 @@ def run(prepared: Prepared, *, device_choice: Any, overwrite: bool = False, show
         outputs = (partials[i] if channel == "." else partials[i] / channel) / "outputs"
         names = list(prepared.sources[channel].names)
         write_stats(outputs, run_.stats, names, step.name + ("" if channel == "." else f" - {channel}"))
-        step.write_report(Report(outputs, run_.state, run_.stats, names, prepared.shapes[i], prepared.shapes[i + 1]))
+        prefix = step.name + ("" if channel == "." else f" [{channel}]")
+        step.write_report(Report(outputs, run_.state, run_.stats, names, prepared.shapes[i], prepared.shapes[i + 1],
+                                 run_.records, lambda message: log(f"{prefix}: {message}")))
 
     def finish_step(i: int, number: int, indices: list[int], writes: set[int], elapsed: float) -> None:
         step = steps[i]

@@ -36,6 +36,7 @@ class StepRun:
     out_dtype: torch.dtype = torch.float32
     region: tuple[slice, slice] | None = None  # (rows, cols) the step keeps, for steps that only select pixels
     stats: np.ndarray | None = None  # (n, 9), filled by the pass
+    records: dict[str, np.ndarray] = field(default_factory=dict)  # per-slice records of `apply_recorded`
 
 
 @dataclass
@@ -76,6 +77,14 @@ def release_buffers() -> None:
 
 def _nan_row(like: torch.Tensor) -> torch.Tensor:
     return torch.full((like.shape[0], 3), float("nan"), dtype=torch.float32, device=like.device)
+
+
+def _keep_records(r: StepRun, records: dict[str, torch.Tensor], core: slice, b0: int, n: int) -> None:
+    for key, value in records.items():
+        host = value[core].cpu().numpy()  # sync: small per-slice values (coefficients, scores)
+        if key not in r.records:
+            r.records[key] = np.full((n, *host.shape[1:]), np.nan if host.dtype.kind == "f" else 0, host.dtype)
+        r.records[key][b0:b0 + host.shape[0]] = host
 
 
 def run_pass(spec: PassSpec, *, device: torch.device, batch_size: int, io_threads: int = 4, prefetch: int = 2,
@@ -156,7 +165,9 @@ def run_pass(spec: PassSpec, *, device: torch.device, batch_size: int, io_thread
                     x = x[:, r.region[0], r.region[1]]
                 elif r.region is None and not x.is_floating_point():
                     x = x.to(torch.float32)
-                x = r.step.apply(Batch(x, w0, core, names, n), r.state)
+                x, records = r.step.apply_recorded(Batch(x, w0, core, names, n), r.state)
+                if records:
+                    _keep_records(r, records, core, b0, n)
                 nan_possible = nan_possible or r.step.may_make_nan
                 out = x[core]
                 out_stats = stats_of(out, nan_possible)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from gpustack.steps.background import BkgRemoval
 from gpustack.steps.base import Batch, Step
 from gpustack.steps.cropping import Cropping, CroppingFinal
+from gpustack.steps.intensity import IntensityRescaling, IntensityRescalingArea
 
 # PyStack3D's nine steps, in its canonical order (PEERS.md §1.0).
 PYSTACK3D_STEPS = (
@@ -18,6 +20,8 @@ PYSTACK3D_STEPS = (
     "cropping_final",
 )
 
-REGISTRY: dict[str, type[Step]] = {cls.name: cls for cls in (Cropping, CroppingFinal)}
+REGISTRY: dict[str, type[Step]] = {
+    cls.name: cls for cls in (Cropping, BkgRemoval, IntensityRescaling, IntensityRescalingArea, CroppingFinal)
+}
 
 __all__ = ["Batch", "Step", "REGISTRY", "PYSTACK3D_STEPS"]

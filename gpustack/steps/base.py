@@ -8,6 +8,8 @@ The runner gives it batches of slices already on the device and owns everything 
   reduction (so that a pass can later be sharded over workers); the runner schedules it before `apply`.
   `batch.data[batch.core]` are the slices to account for; the rest is halo;
 - `apply(batch, state)`: the correction, torch in, torch out, same number of slices; never in place;
+- `apply_recorded(batch, state)`: the same, plus per-slice records (e.g. fitted coefficients) that the runner
+  gathers into (n, ...) arrays for `write_report`: steps that record override this one instead of `apply`;
 - `region(shape)`: for steps that only select pixels (cropping): the rows and columns kept;
 - `halo`: the neighbouring slices (before, after) `apply` needs around each slice;
 - `write_report(report)`: step-specific files and plots, written after the pass.
@@ -15,21 +17,20 @@ The runner gives it batches of slices already on the device and owns everything 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
+
+from gpustack.schema import Invalid
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
 
 
-class ParamError(ValueError):
+class ParamError(Invalid):
     """A parameter that does not fit the data (e.g. an area outside the image); the runner names file and table."""
-
-    def __init__(self, key: str, message: str):
-        self.key = key
-        super().__init__(message)
 
 
 @dataclass
@@ -57,6 +58,8 @@ class Report:
     names: list[str]
     in_shape: tuple[int, int]
     out_shape: tuple[int, int]
+    records: dict[str, "np.ndarray"] = field(default_factory=dict)  # from `apply_recorded`, (n, ...) each
+    warn: Callable[[str], None] = print  # one line to the user (prefixed with the step and channel)
 
 
 class Step:
@@ -96,6 +99,10 @@ class Step:
 
     def apply(self, batch: Batch, state: Any) -> "torch.Tensor":  # pragma: no cover - contract
         raise NotImplementedError
+
+    def apply_recorded(self, batch: Batch, state: Any) -> tuple["torch.Tensor", dict[str, "torch.Tensor"]]:
+        """`apply`, and per-slice records: tensors with one row per row of `batch.data` (the runner keeps core)."""
+        return self.apply(batch, state), {}
 
     def write_report(self, report: Report) -> None:
         """Step-specific outputs beside the standard statistics; nothing by default."""

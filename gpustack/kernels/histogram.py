@@ -1,0 +1,104 @@
+"""Histogram specification with continuous maps: each slice's grey levels moved so that its distribution follows
+a reference, without collapsing them onto bin centres (PyStack3D's output has at most `nbins` levels).
+
+Each slice's CDF is measured at FINE_BINS bins over its own range and treated as piecewise linear; references are
+means of the slices' CDFs on `nbins` bins over the stack's range; a slice's map is F_ref^-1(F_slice(v)), tabulated
+at the slice's fine bin edges and interpolated linearly between them, so it is continuous and monotone.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FINE_BINS = 4096
+
+
+def slice_cdfs(x: torch.Tensor, bins: int = FINE_BINS) -> dict[str, torch.Tensor]:
+    """Per slice of x (b, H, W): lo, hi (finite range), count (finite pixels), cdf (b, bins + 1) at the edges
+    lo + i (hi - lo) / bins. NaN pixels are left out."""
+    finite = torch.isfinite(x)
+    lo = torch.where(finite, x, float("inf")).amin(dim=(1, 2))
+    hi = torch.where(finite, x, float("-inf")).amax(dim=(1, 2))
+    span = (hi - lo).clamp_min(torch.finfo(torch.float32).tiny)
+    t = torch.where(finite, (x - lo[:, None, None]) / span[:, None, None], -1.0)  # NaN: outside histc's range
+    hist = torch.stack([torch.histc(t[k], bins=bins, min=0.0, max=1.0) for k in range(x.shape[0])])
+    count = finite.sum(dim=(1, 2))
+    cum = torch.cumsum(hist.to(torch.float64), dim=1) / count.clamp_min(1)[:, None]
+    cdf = torch.cat([torch.zeros_like(cum[:, :1]), cum], dim=1)
+    return {"lo": lo, "hi": hi, "count": count, "cdf": cdf}
+
+
+def interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
+    """Row-wise linear interpolation (numpy.interp per row): x (n, m), xp (n, k) non-decreasing, fp (n, k).
+
+    Where xp is flat (an empty bin of a CDF) the last of the equal points is used, so inverse CDFs skip gaps.
+    """
+    k = xp.shape[1]
+    idx = torch.searchsorted(xp.contiguous(), x.contiguous(), right=True).clamp(1, k - 1)
+    x0, x1 = xp.gather(1, idx - 1), xp.gather(1, idx)
+    f0, f1 = fp.gather(1, idx - 1), fp.gather(1, idx)
+    t = ((x - x0) / (x1 - x0).clamp_min(torch.finfo(x.dtype).tiny)).clamp(0.0, 1.0)
+    return f0 + t * (f1 - f0)
+
+
+def cdf_at(values: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, cdf: torch.Tensor) -> torch.Tensor:
+    """The piecewise-linear CDFs (n, B + 1) over [lo, hi] evaluated at values (n, m) or (m,)."""
+    bins = cdf.shape[1] - 1
+    if values.dim() == 1:
+        values = values.expand(cdf.shape[0], -1)
+    u = ((values - lo[:, None]) / (hi - lo).clamp_min(1e-30)[:, None] * bins).clamp(0, bins)
+    i = u.floor().clamp(max=bins - 1).long()
+    f = u - i
+    c0, c1 = cdf.gather(1, i), cdf.gather(1, i + 1)
+    return c0 + f * (c1 - c0)
+
+
+def reflect_index(j: torch.Tensor, n: int) -> torch.Tensor:
+    """scipy.ndimage's 'reflect' boundary (d c b a | a b c d | d c b a) for any offset."""
+    m = j.remainder(2 * n)
+    return torch.where(m >= n, 2 * n - 1 - m, m)
+
+
+def running_mean(values: torch.Tensor, weights: torch.Tensor, size: int) -> torch.Tensor:
+    """Weighted running mean over rows, window [k - size//2, k - size//2 + size - 1] as scipy's uniform_filter1d,
+    with the reflect boundary; rows of zero weight (slices that cannot be measured) do not count."""
+    n = values.shape[0]
+    j = torch.arange(-(size // 2), n - (size // 2) + size - 1, device=values.device)
+    rows = reflect_index(j, n)
+    w = weights.to(values.dtype)[rows]
+    wv = values[rows] * w[:, None]
+    zero = torch.zeros_like(wv[:1])
+    csum_v = torch.cat([zero, torch.cumsum(wv, dim=0)])
+    csum_w = torch.cat([torch.zeros_like(w[:1]), torch.cumsum(w, dim=0)])
+    total = csum_v[size:size + n] - csum_v[:n]
+    weight = csum_w[size:size + n] - csum_w[:n]
+    return total / weight.clamp_min(1e-30)[:, None], weight
+
+
+def running_median(values: torch.Tensor, size: int, chunk: int = 1 << 24) -> torch.Tensor:
+    """Per column, the median of the finite values over the window of `running_mean` (size -1: all rows)."""
+    n = values.shape[0]
+    if size == -1:
+        return torch.nanmedian(values, dim=0).values.expand(n, -1)
+    offsets = torch.arange(-(size // 2), size - size // 2, device=values.device)
+    out = torch.empty_like(values)
+    step = max(1, chunk // max(1, size * values.shape[1]))
+    for s in range(0, n, step):
+        rows = reflect_index(torch.arange(s, min(n, s + step), device=values.device)[:, None] + offsets, n)
+        out[s:s + step] = torch.nanmedian(values[rows], dim=1).values
+    return out
+
+
+def apply_maps(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, lut: torch.Tensor,
+               active: torch.Tensor) -> torch.Tensor:
+    """Map every pixel of x (b, H, W) through its slice's tabulated map lut (b, B + 1) over [lo, hi], linearly
+    between the table's points; slices with active False, and NaN pixels, are returned as they are."""
+    b = x.shape[0]
+    bins = lut.shape[1] - 1
+    span = (hi - lo).clamp_min(torch.finfo(torch.float32).tiny)
+    u = ((x - lo[:, None, None]) / span[:, None, None] * bins).nan_to_num(0.0).clamp(0, bins).reshape(b, -1)
+    i = u.floor().clamp(max=bins - 1)
+    f = u - i
+    i = i.long()
+    y = torch.lerp(lut.gather(1, i), lut.gather(1, i + 1), f).view_as(x)
+    return torch.where(active[:, None, None] & torch.isfinite(x), y, x)

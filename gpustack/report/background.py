@@ -1,0 +1,123 @@
+"""bkg_removal's outputs: coefficients (coefs.npz, coefs_3d.txt), coefs.png, background thumbnails (bkgs/),
+x and y profiles of the input and output (stats_X.png, stats_Y.png) and log.txt, as PyStack3D lays them out."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from gpustack.kernels.polynomial import expr_from_powers, term_name
+from gpustack.report.plotting import new_figure, save
+
+if TYPE_CHECKING:
+    from gpustack.steps.background import BkgRemoval
+    from gpustack.steps.base import Report
+
+THUMBNAIL = 100  # px, the longer side of the background thumbnails
+
+
+def write_background_report(step: "BkgRemoval", report: "Report") -> None:
+    out = report.outputs_dir
+    n, q = len(report.names), len(step.powers)
+    state = report.state
+    if step.dim == 3:
+        coefs = np.tile(state["coefs"].double().cpu().numpy(), (n, 1))
+        offsets = np.full(n, float(state["offset"]))
+        np.savetxt(out / "coefs_3d.txt", coefs[0])
+        extra = {"scale": np.float64(state["scale"]), "iterations": int(state["iterations"])}
+    else:
+        coefs = report.records.get("coefs", np.full((n, q), np.nan))
+        offsets = report.records.get("offset", np.full(n, np.nan))
+        extra = {k: report.records[k] for k in ("scale", "iterations") if k in report.records}
+    np.savez(out / "coefs.npz", coefs=coefs, powers=np.asarray(step.powers), offset=offsets, **extra)
+    _plot_coefs(out / "coefs.png", coefs, step.powers)
+    _write_thumbnails(out / "bkgs", step, coefs, report.names, report.in_shape)
+    for axis in ("x", "y"):
+        if f"profile_{axis}" in report.records:
+            _plot_profiles(out / f"stats_{axis.upper()}.png", report.records[f"profile_{axis}"], axis)
+    unfitted = [name for name, c in zip(report.names, coefs) if not np.isfinite(c).all()]
+    lines = [f"basis: {expr_from_powers(step.powers)}",
+             f"mode: {'3D, one fit over the stack' if step.dim == 3 else '2D, one fit per slice'}",
+             f"weight_func: {step.config.weight_func}",
+             f"skip_factors: {[step.sampling.sx, step.sampling.sy] + ([step.skip_z] if step.dim == 3 else [])}"
+             f"{' (block means)' if step.sampling.averaging else ''}"]
+    if step.dim == 3:
+        lines.append(f"fit: {state['samples']} samples from {state['groups']} slice groups, "
+                     f"{int(state['iterations'])} iterations, robust scale {float(state['scale']):.4g}")
+    if unfitted:
+        why = ("too few sampled slices for the z terms (lower skip_factors[2] or the z order)" if step.dim == 3
+               else "too few pixels inside the thresholds (or too few sampled rows/columns for the orders)")
+        message = (f"{len(unfitted)} slice(s) were left as they are, the {q}-term background could not be fitted: "
+                   f"{why}: {', '.join(unfitted[:5])}{', ...' if len(unfitted) > 5 else ''}")
+        lines.append(message)
+        report.warn(message)
+    (out / "log.txt").write_text("\n".join(lines) + "\n")
+
+
+def _plot_coefs(path: Path, coefs: np.ndarray, powers) -> None:
+    q = len(powers)
+    cols = math.ceil(math.sqrt(q))
+    rows = math.ceil(q / cols)
+    fig = new_figure(3.2 * cols, 2.4 * rows)
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    frames = np.arange(len(coefs))
+    for k, ax in enumerate(axes):
+        if k >= q:
+            ax.set_visible(False)
+            continue
+        ax.plot(frames, coefs[:, k], ".-", ms=2, lw=0.8)
+        ax.set_title(term_name(powers[k]), fontsize=9)
+        ax.set_xlabel("frame", fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.suptitle("bkg_removal coefficients: " + expr_from_powers(powers), fontsize=10)
+    save(fig, path)
+
+
+def _thumbnail_backgrounds(step: "BkgRemoval", coefs: np.ndarray, n: int, shape: tuple[int, int]) -> np.ndarray:
+    """Each slice's fitted background on a grid of about THUMBNAIL px (same unit coordinates, fewer points)."""
+    height, width = shape
+    f = THUMBNAIL / max(height, width)
+    h, w = max(2, round(height * f)), max(2, round(width * f))
+    ys, xs = np.linspace(0, 1, h), np.linspace(0, 1, w)
+    zs = np.arange(n) / max(1, n - 1)
+    out = np.zeros((n, h, w))
+    for k, p in enumerate(step.powers):
+        zfactor = zs ** p[2] if step.dim == 3 else 1.0
+        out += (np.asarray(coefs[:, k]) * zfactor)[:, None, None] * np.outer(ys ** p[1], xs ** p[0])[None]
+    return out
+
+
+def _write_thumbnails(folder: Path, step: "BkgRemoval", coefs: np.ndarray, names: list[str],
+                      shape: tuple[int, int]) -> None:
+    from PIL import Image, ImageDraw
+
+    folder.mkdir(parents=True, exist_ok=True)
+    backgrounds = _thumbnail_backgrounds(step, np.nan_to_num(coefs), len(names), shape)
+    for name, bkg, c in zip(names, backgrounds, coefs):
+        vmin, vmax = float(bkg.min()), float(bkg.max())
+        grey = np.zeros(bkg.shape, np.uint8) if vmax <= vmin else np.round(255 * (bkg - vmin) / (vmax - vmin))
+        image = Image.fromarray(grey.astype(np.uint8)).convert("RGB")
+        text = f"vmin={vmin:.1f}\nvmax={vmax:.1f}" if np.isfinite(c).all() else "not fitted"
+        ImageDraw.Draw(image).text((1, 1), text, fill=(255, 0, 0))
+        image.save(folder / (Path(name).stem + ".png"))
+
+
+def _plot_profiles(path: Path, profiles: np.ndarray, axis: str) -> None:
+    """Stack-wide profiles from per-slice ones (n, {in, out}, {min, max, mean}, points)."""
+    with np.errstate(all="ignore"):
+        lo = np.nanmin(profiles[:, :, 0], axis=0)
+        hi = np.nanmax(profiles[:, :, 1], axis=0)
+        mean = np.nanmean(profiles[:, :, 2], axis=0)
+    fig = new_figure(12, 3.6)
+    axes = fig.subplots(1, 3)
+    for ax, what, values in zip(axes, ("Min", "Max", "Mean"), (lo, hi, mean)):
+        ax.plot(values[0], label="input", lw=1)
+        ax.plot(values[1], label="output", lw=1)
+        ax.set_title(what)
+        ax.set_xlabel(f"{axis} (subsampled px)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"bkg_removal: statistics along {axis.upper()}")
+    save(fig, path)

@@ -1,0 +1,91 @@
+"""Outputs of the intensity steps, in PyStack3D's layout.
+
+intensity_rescaling: histo_orig.npy, histos_ref.npy, histos_final.npy (nslices, nbins), bin_edges.npy,
+intensity_rescaling_maps.png, intensity_rescaling_profiles.png. intensity_rescaling_area: means.npy,
+factors.npy, means.png, factors.png, log.txt.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+from matplotlib import colormaps
+
+from gpustack.report.plotting import new_figure, save
+
+if TYPE_CHECKING:
+    from gpustack.steps.base import Report
+    from gpustack.steps.intensity import IntensityRescalingAreaConfig
+
+MAX_PROFILES = 40  # lines per panel in the profiles plot
+
+
+def _skipped(report: "Report", active: np.ndarray, why: str) -> None:
+    names = [name for name, ok in zip(report.names, active) if not ok]
+    if names:
+        report.warn(f"{len(names)} slice(s) {why} and were left as they are: {', '.join(names[:5])}"
+                    f"{', ...' if len(names) > 5 else ''}")
+
+
+def write_rescaling_report(report: "Report") -> None:
+    out, state = report.outputs_dir, report.state
+    active = state["active"].cpu().numpy()
+    _skipped(report, active, "are constant or empty (nothing to rescale)")
+    if "histo_orig" not in state:
+        return
+    hists = {key: state[key].cpu().numpy() for key in ("histo_orig", "histo_ref", "histo_final")}
+    np.save(out / "histo_orig.npy", hists["histo_orig"])
+    np.save(out / "histos_ref.npy", hists["histo_ref"])
+    np.save(out / "histos_final.npy", hists["histo_final"])
+    edges = state["edges"].cpu().numpy()
+    np.save(out / "bin_edges.npy", edges)
+    titles = ("original", "reference", "final")
+    fig = new_figure(13, 4)
+    for ax, title, h in zip(fig.subplots(1, 3), titles, hists.values()):
+        image = ax.imshow(h, aspect="auto", origin="lower", interpolation="nearest",
+                          extent=(edges[0], edges[-1], -0.5, len(h) - 0.5))
+        ax.set_title(title)
+        ax.set_xlabel("grey level")
+        ax.set_ylabel("frame")
+        fig.colorbar(image, ax=ax, shrink=0.8)
+    save(fig, out / "intensity_rescaling_maps.png")
+    centres = (edges[1:] + edges[:-1]) / 2
+    fig = new_figure(13, 4)
+    frames = np.unique(np.linspace(0, len(active) - 1, min(MAX_PROFILES, len(active))).round().astype(int))
+    colours = [colormaps["viridis"](k / max(1, len(active) - 1)) for k in frames]
+    for ax, title, h in zip(fig.subplots(1, 3, sharey=True), titles, hists.values()):
+        for k, colour in zip(frames, colours):
+            ax.plot(centres, h[k], lw=0.7, color=colour)
+        ax.set_title(title)
+        ax.set_xlabel("grey level")
+    save(fig, out / "intensity_rescaling_profiles.png")
+
+
+def write_area_report(report: "Report", config: "IntensityRescalingAreaConfig") -> None:
+    out, state = report.outputs_dir, report.state
+    means, factors = state["means"].cpu().numpy(), state["factors"].cpu().numpy()
+    measured = state["measured"].cpu().numpy()
+    np.save(out / "means.npy", means)
+    np.save(out / "factors.npy", factors)
+    _skipped(report, measured, "have no pixel of the area inside the thresholds")
+    frames = np.arange(len(means))
+    for name, values, label in (("means", means, "area mean"), ("factors", factors, "factor")):
+        fig = new_figure(8, 3.5)
+        ax = fig.subplots()
+        ax.plot(frames, values, ".-", ms=3, lw=0.8)
+        if name == "factors":
+            for bound in config.factors_range:
+                ax.axhline(bound, color="grey", ls="--", lw=0.8)
+        else:
+            ax.axhline(float(state["reference"]), color="grey", ls="--", lw=0.8, label="median (reference)")
+            ax.legend(fontsize=8)
+        ax.set_xlabel("frame")
+        ax.set_ylabel(label)
+        ax.set_title(f"intensity_rescaling_area: {label}")
+        save(fig, out / f"{name}.png")
+    clipped = int(((factors <= config.factors_range[0]) | (factors >= config.factors_range[1])).sum())
+    (out / "log.txt").write_text(
+        f"area [xmin, xmax, ymin, ymax] (origin bottom-left): {list(config.area) if config.area else 'whole image'}\n"
+        f"reference (median of the area means): {float(state['reference']):.6g}\n"
+        f"factors_range: {list(config.factors_range)}; {clipped} factor(s) at a limit\n")
