@@ -11,6 +11,10 @@ __version__ = "0.1.0"
 _LAZY = {
     "crop": "gpustack.api",
     "slice_statistics": "gpustack.api",
+    "remove_background": "gpustack.api",
+    "background_terms": "gpustack.api",
+    "rescale_intensity": "gpustack.api",
+    "rescale_intensity_area": "gpustack.api",
     "resolve_device": "gpustack.device",
     "GpustackError": "gpustack.errors",
     "ConfigError": "gpustack.errors",

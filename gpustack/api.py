@@ -32,3 +32,100 @@ def slice_statistics(stack: Any, *, device: str | None = None) -> Any:
         raise ValueError(f"expected a stack (N, H, W), got shape {tuple(t.shape)}")
     return back(slice_stats(t.to(torch.float32), nan_aware=True))
 
+
+
+def _run_step(step: Any, stack: Any, device: str | None, batch_size: int) -> tuple[Any, Any, dict, Any]:
+    """A step over an in-memory stack, batch by batch, exactly as the runner drives it (statistics pass first)."""
+    import torch
+
+    from gpustack.arrays import to_torch
+    from gpustack.steps.base import Batch
+
+    t, back = to_torch(stack, device)
+    single = t.ndim == 2
+    if single:
+        t = t[None]
+    if t.ndim != 3:
+        raise ValueError(f"expected a slice (H, W) or a stack (N, H, W), got shape {tuple(t.shape)}")
+    t = t.to(torch.float32)
+    n = t.shape[0]
+    step.output_shape(tuple(t.shape[1:]))
+    names = [str(k) for k in range(n)]
+    batches = [Batch(t[s:s + batch_size], s, slice(0, min(batch_size, n - s)), names[s:s + batch_size], n)
+               for s in range(0, n, batch_size)]
+    state = step.fit_reduce([step.fit_batch(b) for b in batches]) if step.has_fit else None
+    outs, records = [], {}
+    for b in batches:
+        out, rec = step.apply_recorded(b, state)
+        outs.append(out)
+        for key, value in rec.items():
+            records.setdefault(key, []).append(value)
+    out = torch.cat(outs)
+    records = {k: torch.cat(v) for k, v in records.items()}
+    return back(out[0] if single else out), state, records, back
+
+
+def _config(cls: type, name: str, **params: Any) -> Any:
+    from gpustack.schema import build
+
+    return build(cls, {k: v for k, v in params.items() if v is not None}, file=None, name=name)
+
+
+def remove_background(stack: Any, *, orders: Sequence[int] | None = (1, 1), cross_terms: bool = True,
+                      poly_basis: str | None = None, skip_factors: Sequence[int] | None = None,
+                      skip_averaging: bool = False, threshold_min: float | None = None,
+                      threshold_max: float | None = None, weight: str = "HuberT", preserve_avg: bool = False,
+                      correct_masked: bool = True, device: str | None = None, batch_size: int = 16) -> tuple[Any, Any]:
+    """Remove a polynomial background from a slice (H, W) or a stack (N, H, W); float32 result.
+
+    2 orders [x, y] (or a basis in x, y) fit each slice; 3 orders [x, y, z] (or a basis using z) fit one
+    polynomial over the stack. Returns (corrected, coefficients): coefficients (N, q) per slice in 2D, (q,) in
+    3D, in the order of `background_terms(...)`, as the same kind of array as the input.
+    """
+    from gpustack.steps.background import BkgRemoval, BkgRemovalConfig
+
+    config = _config(BkgRemovalConfig, "remove_background", orders=list(orders) if orders else None,
+                     cross_terms=cross_terms, poly_basis=poly_basis,
+                     skip_factors=list(skip_factors) if skip_factors else None, skip_averaging=skip_averaging,
+                     threshold_min=threshold_min, threshold_max=threshold_max, weight_func=weight,
+                     preserve_avg=preserve_avg, correct_masked=correct_masked)
+    step = BkgRemoval(config)
+    out, state, records, back = _run_step(step, stack, device, batch_size)
+    coefs = state["coefs"] if step.dim == 3 else records["coefs"]
+    if getattr(stack, "ndim", 3) == 2 and step.dim == 2:
+        coefs = coefs[0]
+    return out, back(coefs)
+
+
+def background_terms(*, orders: Sequence[int] | None = (1, 1), cross_terms: bool = True,
+                     poly_basis: str | None = None) -> list[str]:
+    """The terms of a basis, in the order of the coefficients `remove_background` returns."""
+    from gpustack.kernels.polynomial import term_name
+    from gpustack.steps.background import BkgRemovalConfig, basis_powers
+
+    config = _config(BkgRemovalConfig, "background_terms", orders=list(orders) if orders else None,
+                     cross_terms=cross_terms, poly_basis=poly_basis)
+    return [term_name(p) for p in basis_powers(config)]
+
+
+def rescale_intensity(stack: Any, *, nbins: int = 256, filter_size: int = -1, mapping: str = "linear",
+                      reference: str = "median", device: str | None = None, batch_size: int = 16) -> Any:
+    """Bring each slice's grey levels to a reference distribution (see intensity_rescaling); float32 result."""
+    from gpustack.steps.intensity import IntensityRescaling, IntensityRescalingConfig
+
+    config = _config(IntensityRescalingConfig, "rescale_intensity", nbins=nbins, filter_size=filter_size,
+                     mapping=mapping, reference=reference)
+    return _run_step(IntensityRescaling(config), stack, device, batch_size)[0]
+
+
+def rescale_intensity_area(stack: Any, *, area: Sequence[int] | None = None, threshold_min: float | None = None,
+                           threshold_max: float | None = None, factors_range: Sequence[float] = (0.8, 1.2),
+                           device: str | None = None, batch_size: int = 16) -> tuple[Any, Any]:
+    """Scale each slice so that the mean of `area` matches the median over slices; returns (scaled, factors)."""
+    from gpustack.steps.intensity import IntensityRescalingArea, IntensityRescalingAreaConfig
+
+    config = _config(IntensityRescalingAreaConfig, "rescale_intensity_area",
+                     area=list(area) if area is not None else None, threshold_min=threshold_min,
+                     threshold_max=threshold_max, factors_range=list(factors_range))
+    out, state, _records, back = _run_step(IntensityRescalingArea(config), stack, device, batch_size)
+    return out, back(state["factors"])
