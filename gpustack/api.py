@@ -122,7 +122,10 @@ def rescale_intensity_area(stack: Any, *, area: Sequence[int] | None = None, thr
                            threshold_max: float | None = None, factors_range: Sequence[float] = (0.8, 1.2),
                            device: str | None = None, batch_size: int = 16) -> tuple[Any, Any]:
     """Scale each slice so that the mean of `area` matches the median over slices; returns (scaled, factors)."""
-    from gpustack.steps.intensity import IntensityRescalingArea, IntensityRescalingAreaConfig
+    from gpustack.steps.intensity import (
+        IntensityRescalingArea,
+        IntensityRescalingAreaConfig,
+    )
 
     config = _config(IntensityRescalingAreaConfig, "rescale_intensity_area",
                      area=list(area) if area is not None else None, threshold_min=threshold_min,

@@ -85,12 +85,6 @@ class Background:
         b = values.shape[0]
         return robust.fit(self.basis, values.reshape(b, -1), valid.reshape(b, -1), norm=norm, maxiter=maxiter)
 
-    def sample_mean(self, coefs: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """Mean of each slice's fitted background over its valid samples (preserve_avg's offset), (b,)."""
-        fitted = torch.nan_to_num(coefs) @ self.design.T  # (b, m) float64
-        weight = valid.reshape(valid.shape[0], -1).to(torch.float64)
-        return (fitted * weight).sum(dim=1) / weight.sum(dim=1).clamp_min(1)
-
     def remove(self, x: torch.Tensor, grid: torch.Tensor, offset: torch.Tensor,
                keep: torch.Tensor | None = None) -> torch.Tensor:
         """x - background + offset; `grid` (b, ny, nx) from `polynomial.slice_coefficients`; `keep`: pixels left as

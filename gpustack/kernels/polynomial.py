@@ -46,7 +46,7 @@ def powers_from_expr(expr: str, dim: int) -> Powers:
         if not _TERM.match(term):
             raise ValueError(f"{expr!r}: cannot read the term {raw.strip()!r}; terms are 1 or products of x, y, z "
                              "with integer powers, e.g. 1 + x + y**2 + x*y*z (no coefficients)")
-        powers = [0] * dim
+        powers, last = [0] * dim, 0
         if term != "1":
             for factor in term.split("*"):
                 if not factor:
@@ -76,14 +76,14 @@ def term_name(power: tuple[int, ...]) -> str:
     return "*".join(factors) or "1"
 
 
-def axis_powers(coords: "torch.Tensor", max_power: int) -> "torch.Tensor":
+def axis_powers(coords: torch.Tensor, max_power: int) -> torch.Tensor:
     """(len(coords), max_power + 1): coords**0, coords**1, ..."""
     import torch
 
     return coords[:, None] ** torch.arange(max_power + 1, dtype=coords.dtype, device=coords.device)
 
 
-def unit_coords(n: int, *, dtype: "torch.dtype", device: "torch.device") -> "torch.Tensor":
+def unit_coords(n: int, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """PyStack3D's coordinates along an axis of n pixels: linspace(0, 1, n)."""
     import torch
 
@@ -91,7 +91,7 @@ def unit_coords(n: int, *, dtype: "torch.dtype", device: "torch.device") -> "tor
                                                                                              device=device)
 
 
-def design_matrix(powers: Powers, x: "torch.Tensor", y: "torch.Tensor", z: "torch.Tensor | None" = None) -> "torch.Tensor":
+def design_matrix(powers: Powers, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
     """(len(z) * len(y) * len(x), q) basis on the grid z × y × x (row-major: x fastest), for a least-squares fit."""
     import torch
 
@@ -107,7 +107,7 @@ def design_matrix(powers: Powers, x: "torch.Tensor", y: "torch.Tensor", z: "torc
     return torch.stack(cols, dim=1)
 
 
-def slice_coefficients(powers: Powers, coefs: "torch.Tensor", z: "torch.Tensor | None" = None) -> "torch.Tensor":
+def slice_coefficients(powers: Powers, coefs: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
     """Fold a basis into per-slice (b, ny, nx) coefficient grids C[py, px], so that bkg = Y @ C @ X^T.
 
     `coefs` is (b, q) for per-slice 2D fits, or (q,) for one 3D fit evaluated at the slices' `z` (b,).
@@ -125,10 +125,25 @@ def slice_coefficients(powers: Powers, coefs: "torch.Tensor", z: "torch.Tensor |
     return grid.view(-1, ny, nx)
 
 
-def evaluate(grid: "torch.Tensor", height: int, width: int, dtype: "torch.dtype") -> "torch.Tensor":
+def evaluate(grid: torch.Tensor, height: int, width: int, dtype: torch.dtype) -> torch.Tensor:
     """Backgrounds (b, height, width) from coefficient grids (b, ny, nx): two small matmuls, no (H*W, q) basis."""
     ny, nx = grid.shape[1:]
     ycoef = axis_powers(unit_coords(height, dtype=grid.dtype, device=grid.device), ny - 1)  # (H, ny)
     xcoef = axis_powers(unit_coords(width, dtype=grid.dtype, device=grid.device), nx - 1)  # (W, nx)
     partial = (ycoef @ grid).to(dtype)  # (b, H, nx), float64 where the coefficients cancel
     return partial @ xcoef.T.to(dtype)
+
+
+def mean_value(powers: Powers, coefs: torch.Tensor, height: int, width: int,
+               z: torch.Tensor | None = None) -> torch.Tensor:
+    """Exact mean of the polynomial over every pixel of a slice ((b, q) coefficients -> (b,)), or, for one 3D fit
+    ((q,) coefficients), over every pixel of the slices at `z`."""
+    import torch
+
+    def axis_mean(n: int, p: int) -> torch.Tensor:
+        return (unit_coords(n, dtype=torch.float64, device=coefs.device) ** p).mean()
+
+    factors = torch.stack([axis_mean(width, p[0]) * axis_mean(height, p[1]) for p in powers])
+    if coefs.dim() == 1:
+        factors = factors * torch.stack([(z ** p[2]).mean() for p in powers])
+    return torch.nan_to_num(coefs) @ factors

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 THUMBNAIL = 100  # px, the longer side of the background thumbnails
 
 
-def write_background_report(step: "BkgRemoval", report: "Report") -> None:
+def write_background_report(step: BkgRemoval, report: Report) -> None:
     out = report.outputs_dir
     n, q = len(report.names), len(step.powers)
     state = report.state
@@ -76,7 +76,7 @@ def _plot_coefs(path: Path, coefs: np.ndarray, powers) -> None:
     save(fig, path)
 
 
-def _thumbnail_backgrounds(step: "BkgRemoval", coefs: np.ndarray, n: int, shape: tuple[int, int]) -> np.ndarray:
+def _thumbnail_backgrounds(step: BkgRemoval, coefs: np.ndarray, n: int, shape: tuple[int, int]) -> np.ndarray:
     """Each slice's fitted background on a grid of about THUMBNAIL px (same unit coordinates, fewer points)."""
     height, width = shape
     f = THUMBNAIL / max(height, width)
@@ -90,7 +90,7 @@ def _thumbnail_backgrounds(step: "BkgRemoval", coefs: np.ndarray, n: int, shape:
     return out
 
 
-def _write_thumbnails(folder: Path, step: "BkgRemoval", coefs: np.ndarray, names: list[str],
+def _write_thumbnails(folder: Path, step: BkgRemoval, coefs: np.ndarray, names: list[str],
                       shape: tuple[int, int]) -> None:
     from PIL import Image, ImageDraw
 

@@ -21,14 +21,14 @@ if TYPE_CHECKING:
 MAX_PROFILES = 40  # lines per panel in the profiles plot
 
 
-def _skipped(report: "Report", active: np.ndarray, why: str) -> None:
+def _skipped(report: Report, active: np.ndarray, why: str) -> None:
     names = [name for name, ok in zip(report.names, active) if not ok]
     if names:
         report.warn(f"{len(names)} slice(s) {why} and were left as they are: {', '.join(names[:5])}"
                     f"{', ...' if len(names) > 5 else ''}")
 
 
-def write_rescaling_report(report: "Report") -> None:
+def write_rescaling_report(report: Report) -> None:
     out, state = report.outputs_dir, report.state
     active = state["active"].cpu().numpy()
     _skipped(report, active, "are constant or empty (nothing to rescale)")
@@ -62,7 +62,7 @@ def write_rescaling_report(report: "Report") -> None:
     save(fig, out / "intensity_rescaling_profiles.png")
 
 
-def write_area_report(report: "Report", config: "IntensityRescalingAreaConfig") -> None:
+def write_area_report(report: Report, config: IntensityRescalingAreaConfig) -> None:
     out, state = report.outputs_dir, report.state
     means, factors = state["means"].cpu().numpy(), state["factors"].cpu().numpy()
     measured = state["measured"].cpu().numpy()

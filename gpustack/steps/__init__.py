@@ -24,4 +24,4 @@ REGISTRY: dict[str, type[Step]] = {
     cls.name: cls for cls in (Cropping, BkgRemoval, IntensityRescaling, IntensityRescalingArea, CroppingFinal)
 }
 
-__all__ = ["Batch", "Step", "REGISTRY", "PYSTACK3D_STEPS"]
+__all__ = ["PYSTACK3D_STEPS", "REGISTRY", "Batch", "Step"]

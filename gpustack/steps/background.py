@@ -14,7 +14,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from gpustack.kernels.polynomial import Powers, powers_from_expr, powers_from_orders
-from gpustack.schema import Invalid, boolean, choice, int_list, integer, number, optional, param, string
+from gpustack.schema import (
+    Invalid,
+    boolean,
+    choice,
+    int_list,
+    integer,
+    number,
+    optional,
+    param,
+    string,
+)
 from gpustack.steps.base import Batch, ParamError, Report, Step
 
 if TYPE_CHECKING:
@@ -41,7 +51,8 @@ class BkgRemovalConfig:
     threshold_max: float | None = param(None, optional(number()), "grey levels above are left out of the fit")
     weight_func: str = param("HuberT", choice("HuberT", "Hampel", "None"),
                              "robust fit: HuberT, Hampel (M-estimators, IRLS) or None (least squares)")
-    preserve_avg: bool = param(False, boolean, "keep the mean grey level (of the stack in 3D, of each slice in 2D)")
+    preserve_avg: bool = param(False, boolean, "keep the mean grey level exactly (of the stack in 3D, of each "
+                                               "slice in 2D) instead of the fitted constant")
     correct_masked: bool = param(True, boolean,
                                  "gpustack: also correct pixels outside the thresholds (false: PyStack3D's way)")
     maxiter: int = param(50, integer(1), "gpustack: maximum robust-fit iterations")
@@ -99,7 +110,7 @@ class BkgRemoval(Step):
                              f"{self.sampling.sy} leave {samples} pixels for {len(self.powers)} terms")
         return shape
 
-    def _model(self, height: int, width: int, device: "torch.device") -> "Background":
+    def _model(self, height: int, width: int, device: torch.device) -> Background:
         from gpustack.kernels.background import Background
 
         key = (height, width, str(device))
@@ -111,9 +122,9 @@ class BkgRemoval(Step):
     def fit_batch(self, batch: Batch) -> dict[str, Any]:
         """Per group of `skip_z` slices: sums and counts of the sampled values (means when averaging, else the
         first slice of the group only), so that groups split across batches merge exactly."""
-        from gpustack.kernels.background import fit_mask
-
         import torch
+
+        from gpustack.kernels.background import fit_mask
 
         cfg = self.config
         x = batch.data[batch.core]
@@ -121,7 +132,7 @@ class BkgRemoval(Step):
         rows = [j for j in range(x.shape[0]) if cfg.skip_averaging or (first + j) % self.skip_z == 0]
         groups: dict[int, list] = {}
         if not rows:
-            return {"shape": tuple(x.shape[1:]), "groups": groups}
+            return {"shape": tuple(x.shape[1:]), "groups": groups, "n_total": batch.n_total}
         sel = x[rows]
         values, valid = self.sampling.take(sel, fit_mask(sel, cfg.threshold_min, cfg.threshold_max))
         weight = valid.to(torch.float32)
@@ -133,7 +144,7 @@ class BkgRemoval(Step):
             entry[1] = entry[1] + weight[j]
             entry[2] += z
             entry[3] += 1
-        return {"shape": tuple(x.shape[1:]), "groups": groups}
+        return {"shape": tuple(x.shape[1:]), "groups": groups, "n_total": batch.n_total}
 
     def fit_reduce(self, partials: list[dict[str, Any]]) -> dict[str, Any]:
         import torch
@@ -146,6 +157,7 @@ class BkgRemoval(Step):
                 m = merged.setdefault(g, [0.0, 0.0, 0.0, 0])
                 m[0], m[1], m[2], m[3] = m[0] + total, m[1] + count, m[2] + zsum, m[3] + members
         keys = sorted(merged)
+        n_total = partials[0]["n_total"]
         totals = torch.stack([merged[g][0] for g in keys])
         counts = torch.stack([merged[g][1] for g in keys])
         device = totals.device
@@ -157,19 +169,19 @@ class BkgRemoval(Step):
         fit = robust.fit(robust.Basis(design), values, valid, norm=self.config.weight_func,
                          maxiter=self.config.maxiter)
         coefs = fit.coefs[0]
-        if self.config.preserve_avg:
-            fitted = design @ torch.nan_to_num(coefs)
-            offset = fitted[valid[0]].mean() if bool(valid.any()) else torch.zeros((), dtype=torch.float64)
+        if self.config.preserve_avg:  # the stack's mean background: the output's mean is the input's
+            z_all = torch.arange(n_total, dtype=torch.float64, device=device) / max(1, n_total - 1)
+            offset = polynomial.mean_value(self.powers, coefs, *partials[0]["shape"], z_all)
         else:
             offset = coefs[0]
         return {"coefs": coefs, "offset": offset, "scale": fit.scale[0], "iterations": fit.iterations[0],
                 "fitted": fit.fitted[0], "samples": int(valid.sum()), "groups": len(keys)}  # sync: once per stack
 
     # -- the correction ---------------------------------------------------------------------------------
-    def apply(self, batch: Batch, state: Any) -> "torch.Tensor":
+    def apply(self, batch: Batch, state: Any) -> torch.Tensor:
         return self.apply_recorded(batch, state)[0]
 
-    def apply_recorded(self, batch: Batch, state: Any) -> tuple["torch.Tensor", dict[str, "torch.Tensor"]]:
+    def apply_recorded(self, batch: Batch, state: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         import torch
 
         from gpustack.kernels import polynomial
@@ -184,7 +196,8 @@ class BkgRemoval(Step):
         if self.dim == 2:
             values, ok = self.sampling.take(x, valid)
             fit = model.fit_slices(values, ok, cfg.weight_func, cfg.maxiter)
-            offset = model.sample_mean(fit.coefs, ok) if cfg.preserve_avg else fit.coefs[:, 0]
+            offset = (polynomial.mean_value(self.powers, fit.coefs, x.shape[1], x.shape[2]) if cfg.preserve_avg
+                      else fit.coefs[:, 0])
             grid = polynomial.slice_coefficients(self.powers, fit.coefs)
             records.update(coefs=fit.coefs, scale=fit.scale, iterations=fit.iterations, offset=offset)
         else:
@@ -202,7 +215,7 @@ class BkgRemoval(Step):
         write_background_report(self, report)
 
 
-def _profiles(before: "torch.Tensor", after: "torch.Tensor", sx: int, sy: int) -> dict[str, "torch.Tensor"]:
+def _profiles(before: torch.Tensor, after: torch.Tensor, sx: int, sy: int) -> dict[str, torch.Tensor]:
     """Min/max/mean along x (over rows) and along y (over columns) of the subsampled input and output slices."""
     import torch
 

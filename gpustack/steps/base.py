@@ -37,7 +37,7 @@ class ParamError(Invalid):
 class Batch:
     """Consecutive slices on the device: `data[core]` are this batch's own slices, the rest is halo context."""
 
-    data: "torch.Tensor"  # (n, H, W) float32 on the run's device
+    data: torch.Tensor  # (n, H, W) float32 on the run's device
     start: int  # stack index of data[0]
     core: slice  # rows of `data` that belong to this batch
     names: list[str]  # file name of each row of `data`
@@ -54,11 +54,11 @@ class Report:
 
     outputs_dir: Path
     state: Any
-    stats: "np.ndarray"  # (n, 9): input, output and written min/max/mean per slice
+    stats: np.ndarray  # (n, 9): input, output and written min/max/mean per slice
     names: list[str]
     in_shape: tuple[int, int]
     out_shape: tuple[int, int]
-    records: dict[str, "np.ndarray"] = field(default_factory=dict)  # from `apply_recorded`, (n, ...) each
+    records: dict[str, np.ndarray] = field(default_factory=dict)  # from `apply_recorded`, (n, ...) each
     warn: Callable[[str], None] = print  # one line to the user (prefixed with the step and channel)
 
 
@@ -97,10 +97,10 @@ class Step:
     def fit_reduce(self, partials: list[Any]) -> Any:
         return partials
 
-    def apply(self, batch: Batch, state: Any) -> "torch.Tensor":  # pragma: no cover - contract
+    def apply(self, batch: Batch, state: Any) -> torch.Tensor:  # pragma: no cover - contract
         raise NotImplementedError
 
-    def apply_recorded(self, batch: Batch, state: Any) -> tuple["torch.Tensor", dict[str, "torch.Tensor"]]:
+    def apply_recorded(self, batch: Batch, state: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """`apply`, and per-slice records: tensors with one row per row of `batch.data` (the runner keeps core)."""
         return self.apply(batch, state), {}
 

@@ -17,7 +17,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from gpustack.area import Area
-from gpustack.schema import Invalid, area, choice, integer, number, number_pair, optional, param
+from gpustack.schema import (
+    Invalid,
+    area,
+    choice,
+    integer,
+    number,
+    number_pair,
+    optional,
+    param,
+)
 from gpustack.steps.base import Batch, ParamError, Report, Step
 
 if TYPE_CHECKING:
@@ -50,15 +59,20 @@ class IntensityRescaling(Step):
     Config = IntensityRescalingConfig
     work_buffers = 7  # input, index (int64), two gathered tables, output
 
-    def fit_batch(self, batch: Batch) -> dict[str, "torch.Tensor"]:
+    def fit_batch(self, batch: Batch) -> dict[str, torch.Tensor]:
         from gpustack.kernels.histogram import slice_cdfs
 
         return slice_cdfs(batch.data[batch.core])
 
-    def fit_reduce(self, partials: list[dict[str, "torch.Tensor"]]) -> dict[str, Any]:
+    def fit_reduce(self, partials: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
         import torch
 
-        from gpustack.kernels.histogram import cdf_at, interp, running_mean, running_median
+        from gpustack.kernels.histogram import (
+            cdf_at,
+            interp,
+            running_mean,
+            running_median,
+        )
 
         parts = {k: torch.cat([p[k] for p in partials]) for k in partials[0]}
         lo, hi, count, cdf = parts["lo"].double(), parts["hi"].double(), parts["count"], parts["cdf"]
@@ -109,7 +123,7 @@ class IntensityRescaling(Step):
                      histo_ref=ref.diff(dim=1) * counts, histo_final=final.diff(dim=1) * counts)
         return state
 
-    def apply(self, batch: Batch, state: dict[str, Any]) -> "torch.Tensor":
+    def apply(self, batch: Batch, state: dict[str, Any]) -> torch.Tensor:
         from gpustack.kernels.histogram import apply_maps
 
         rows = slice(batch.start, batch.start + batch.data.shape[0])
@@ -151,7 +165,7 @@ class IntensityRescalingArea(Step):
                 raise ParamError("area", str(exc)) from None
         return shape
 
-    def fit_batch(self, batch: Batch) -> dict[str, "torch.Tensor"]:
+    def fit_batch(self, batch: Batch) -> dict[str, torch.Tensor]:
         x = batch.data[batch.core]
         if self.config.area is not None:
             rows, cols = self.config.area.rows_cols(*x.shape[1:])
@@ -163,7 +177,7 @@ class IntensityRescalingArea(Step):
         total = x.double().where(valid, 0.0).sum(dim=(1, 2))
         return {"mean": total / count.clamp_min(1), "count": count}
 
-    def fit_reduce(self, partials: list[dict[str, "torch.Tensor"]]) -> dict[str, "torch.Tensor"]:
+    def fit_reduce(self, partials: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         import torch
 
         means = torch.cat([p["mean"] for p in partials])
@@ -179,7 +193,7 @@ class IntensityRescalingArea(Step):
         return {"means": torch.where(measured, means, float("nan")), "factors": factors, "measured": measured,
                 "reference": reference}
 
-    def apply(self, batch: Batch, state: dict[str, "torch.Tensor"]) -> "torch.Tensor":
+    def apply(self, batch: Batch, state: dict[str, torch.Tensor]) -> torch.Tensor:
         rows = slice(batch.start, batch.start + batch.data.shape[0])
         return batch.data * state["factors"][rows].to(batch.data.dtype)[:, None, None]
 
