@@ -63,17 +63,20 @@ def run_demo(folder: Path, *, device: str = "auto", slices: int = 60, size: int 
     lines = []
     for channel in CHANNELS:
         files = sorted((out_dir / channel).glob("*.tif"))
-        errors, peak = [], 0.0
-        for path, z in zip(files, stack.z):
+        errors, before, peak = [], [], 0.0
+        for path, raw_path, z in zip(files, stack.files(channel), stack.z):
             truth = stack.truth(float(z), channel)[rows, cols]
             got = tifffile.imread(path).astype(np.float32)
             if got.shape != truth.shape:
                 raise RuntimeError(f"{path}: shape {got.shape} != ground truth {truth.shape}")
-            errors.append(float(np.sqrt(np.mean((got - truth) ** 2))))
+            raw = stack.crop(tifffile.imread(raw_path).astype(np.float32))[rows, cols]
+            errors.append(float(np.mean((got - truth) ** 2)))
+            before.append(float(np.mean((raw - truth) ** 2)))
             peak = max(peak, float(truth.max()))
-        rmse = float(np.sqrt(np.mean(np.square(errors))))
+        rmse, rmse_in = math.sqrt(np.mean(errors)), math.sqrt(np.mean(before))
         lines.append(f"  {channel}: {len(files)} slices of {cols.stop - cols.start}x{rows.stop - rows.start}, no border "
-                     f"band left; RMSE against the ground truth {rmse:.0f} ({20 * math.log10(peak / rmse):.1f} dB PSNR)")
+                     f"band left; RMSE against the ground truth {rmse_in:.0f} -> {rmse:.0f} "
+                     f"({20 * math.log10(peak / rmse_in):.1f} -> {20 * math.log10(peak / rmse):.1f} dB PSNR)")
     missing = [s for s in PYSTACK3D_STEPS if s not in REGISTRY]
     say(f"done in {summary.seconds:.1f} s; outputs in {workflow.process_dir}")
     say("\n".join(lines))
