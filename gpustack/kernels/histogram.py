@@ -28,16 +28,20 @@ def slice_cdfs(x: torch.Tensor, bins: int = FINE_BINS) -> dict[str, torch.Tensor
     return {"lo": lo, "hi": hi, "count": count, "cdf": cdf}
 
 
-def interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
+def interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor, side: str = "left") -> torch.Tensor:
     """Row-wise linear interpolation (numpy.interp per row): x (n, m), xp (n, k) non-decreasing, fp (n, k).
 
-    Where xp is flat (an empty bin of a CDF) the last of the equal points is used, so inverse CDFs skip gaps.
+    Where xp is flat (an empty bin of a CDF, a constant run of a quantile function), x equal to the flat value
+    takes the first of the equal points with side="left" (inverse CDFs: the quantile is the smallest level whose
+    CDF reaches p) and the last with side="right" (CDFs from quantile functions: right-continuous).
     """
     k = xp.shape[1]
-    idx = torch.searchsorted(xp.contiguous(), x.contiguous(), right=True).clamp(1, k - 1)
+    idx = torch.searchsorted(xp.contiguous(), x.contiguous(), right=side == "right").clamp(1, k - 1)
     x0, x1 = xp.gather(1, idx - 1), xp.gather(1, idx)
     f0, f1 = fp.gather(1, idx - 1), fp.gather(1, idx)
-    t = ((x - x0) / (x1 - x0).clamp_min(torch.finfo(x.dtype).tiny)).clamp(0.0, 1.0)
+    rising = x1 > x0
+    t = torch.where(rising, ((x - x0) / torch.where(rising, x1 - x0, 1.0)).clamp(0.0, 1.0),
+                    1.0 if side == "right" else 0.0)
     return f0 + t * (f1 - f0)
 
 
@@ -78,14 +82,16 @@ def running_mean(values: torch.Tensor, weights: torch.Tensor, size: int) -> torc
 def running_median(values: torch.Tensor, size: int, chunk: int = 1 << 24) -> torch.Tensor:
     """Per column, the median of the finite values over the window of `running_mean` (size -1: all rows)."""
     n = values.shape[0]
+    # nanquantile(0.5) is numpy's median: the mean of the two middle values for an even count (nanmedian is
+    # the lower one).
     if size == -1:
-        return torch.nanmedian(values, dim=0).values.expand(n, -1)
+        return torch.nanquantile(values, 0.5, dim=0).expand(n, -1)
     offsets = torch.arange(-(size // 2), size - size // 2, device=values.device)
     out = torch.empty_like(values)
     step = max(1, chunk // max(1, size * values.shape[1]))
     for s in range(0, n, step):
         rows = reflect_index(torch.arange(s, min(n, s + step), device=values.device)[:, None] + offsets, n)
-        out[s:s + step] = torch.nanmedian(values[rows], dim=1).values
+        out[s:s + step] = torch.nanquantile(values[rows], 0.5, dim=1)
     return out
 
 

@@ -102,7 +102,7 @@ class IntensityRescaling(Step):
             quantiles = torch.where(active[:, None], quantiles, float("nan"))
             ref_q = running_median(quantiles, size)
             ref_q = torch.where(torch.isfinite(ref_q), ref_q, quantiles)
-            ref = interp(edges.expand(n, -1), ref_q, levels.expand(n, -1))
+            ref = interp(edges.expand(n, -1), ref_q, levels.expand(n, -1), side="right")
         # Each slice's map at its own fine bin edges: level v with CDF p goes to the reference's quantile p.
         fine_edges = lo[:, None] + (hi - lo)[:, None] * torch.linspace(0, 1, fine + 1, dtype=torch.float64,
                                                                         device=cdf.device)
@@ -111,7 +111,10 @@ class IntensityRescaling(Step):
             levels = torch.linspace(0, 1, self.config.nbins + 1, dtype=torch.float64, device=cdf.device)
             inner = (levels >= LINEAR_QUANTILES[0]) & (levels <= LINEAR_QUANTILES[1])
             own = interp(levels[inner].expand(n, -1), cdf, fine_edges)
-            target = interp(levels[inner].expand(n, -1), ref, edges.expand(n, -1))
+            if self.config.reference == "median":  # the reference's quantiles as they are, no round trip
+                target = ref_q[:, inner]
+            else:
+                target = interp(levels[inner].expand(n, -1), ref, edges.expand(n, -1))
             own_c = own - own.mean(dim=1, keepdim=True)
             gain = (own_c * target).sum(dim=1) / (own_c ** 2).sum(dim=1).clamp_min(1e-30)
             offset = target.mean(dim=1) - gain * own.mean(dim=1)
@@ -119,7 +122,10 @@ class IntensityRescaling(Step):
             state.update(gain=torch.where(active, gain, 1.0).to(torch.float32),
                          offset=torch.where(active, offset, 0.0).to(torch.float32))
         lut = torch.where(active[:, None], lut, fine_edges)
-        final = interp(edges.expand(n, -1), lut, cdf)  # the output's CDF on the common bins
+        final = interp(edges.expand(n, -1), lut, cdf, side="right")  # the output's CDF on the common bins
+        # Output levels beyond the stack's input range (a gain > 1 on the darkest or brightest slice) are
+        # counted in the end bins, so that every row holds all of the slice's pixels.
+        final[:, 0], final[:, -1] = 0.0, 1.0
         counts = count.to(torch.float64)[:, None]
         state.update(lut=lut.to(torch.float32), edges=edges, histo_orig=orig.diff(dim=1) * counts,
                      histo_ref=ref.diff(dim=1) * counts, histo_final=final.diff(dim=1) * counts)
