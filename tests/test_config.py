@@ -48,7 +48,7 @@ def test_pystack3d_template_is_read_unchanged(tmp_path):
     assert wf.steps[0].config.area == Area(0, 99999, 0, 99999)
     # steps this version does not have yet are named, not silently dropped
     assert any("destriping" in note for note in wf.warnings)
-    with pytest.raises(ConfigError, match=r"\[registration_calculation\].*does not provide yet"):
+    with pytest.raises(ConfigError, match=r"\[destriping\].*does not provide yet"):
         load_workflow(path)
     # the template's own values for the steps gpustack has are accepted as they are
     wf = load_workflow(path, steps=["cropping", "bkg_removal", "intensity_rescaling", "intensity_rescaling_area"])

@@ -16,13 +16,24 @@ FINE_BINS = 4096
 def slice_cdfs(x: torch.Tensor, bins: int = FINE_BINS) -> dict[str, torch.Tensor]:
     """Per slice of x (b, H, W): lo, hi (finite range), count (finite pixels), cdf (b, bins + 1) at the edges
     lo + i (hi - lo) / bins. NaN pixels are left out."""
-    finite = torch.isfinite(x)
-    lo = torch.where(finite, x, float("inf")).amin(dim=(1, 2))
-    hi = torch.where(finite, x, float("-inf")).amax(dim=(1, 2))
+    b = x.shape[0]
+    lo, hi = x.amin(dim=(1, 2)), x.amax(dim=(1, 2))  # NaN if the slice holds any NaN
+    nan_slices = bool(torch.isnan(lo).any() | torch.isnan(hi).any())  # sync: picks the NaN-aware path, per batch
+    finite = None
+    if nan_slices:
+        finite = torch.isfinite(x)
+        lo = torch.where(finite, x, float("inf")).amin(dim=(1, 2))
+        hi = torch.where(finite, x, float("-inf")).amax(dim=(1, 2))
+        count = finite.sum(dim=(1, 2))
+    else:
+        count = torch.full((b,), x.shape[1] * x.shape[2], dtype=torch.int64, device=x.device)
     span = (hi - lo).clamp_min(torch.finfo(torch.float32).tiny)
-    t = torch.where(finite, (x - lo[:, None, None]) / span[:, None, None], -1.0)  # NaN: outside histc's range
-    hist = torch.stack([torch.histc(t[k], bins=bins, min=0.0, max=1.0) for k in range(x.shape[0])])
-    count = finite.sum(dim=(1, 2))
+    # One bincount over every slice at once: bin index + slice * bins; NaN pixels go to a last, dropped bin.
+    idx = ((x - lo[:, None, None]) * (bins / span)[:, None, None]).nan_to_num_(0.0).clamp_(0, bins - 1)
+    idx = idx.to(torch.int32) + (torch.arange(b, dtype=torch.int32, device=x.device) * bins)[:, None, None]
+    if finite is not None:
+        idx = torch.where(finite, idx, b * bins)
+    hist = torch.bincount(idx.view(-1), minlength=b * bins + 1)[: b * bins].view(b, bins)
     cum = torch.cumsum(hist.to(torch.float64), dim=1) / count.clamp_min(1)[:, None]
     cdf = torch.cat([torch.zeros_like(cum[:, :1]), cum], dim=1)
     return {"lo": lo, "hi": hi, "count": count, "cdf": cdf}

@@ -75,7 +75,27 @@ def prepare(workflow: Workflow) -> Prepared:
         except ParamError as exc:
             raise ConfigError(str(exc), file=str(workflow.params_file) if workflow.params_file else None,
                               table=step.name, key=exc.key) from None
+    names = [s.name for s in steps]
+    for j, step in enumerate(steps):  # a step that needs another's result: earlier in this run, or saved before
+        dep = step.depends_on
+        if dep and dep not in names[:j] and not REGISTRY[dep].has_saved_state(workflow.process_dir / dep):
+            raise InputError(f"{step.name} needs the result of {dep}, which is neither earlier in process_steps "
+                             f"nor saved in {workflow.process_dir / dep}: run {dep} first (or put it before "
+                             f"{step.name} in process_steps)")
     return Prepared(workflow, sources, label, steps, shapes, notes)
+
+
+def _reshape(prepared: Prepared, first: int) -> None:
+    """Slice shapes from step `first` on, again: a step whose shape depends on a result (a registration crop)
+    knows it once that result is in. Areas of later steps are checked against the new shapes."""
+    wf = prepared.workflow
+    for k in range(first, len(prepared.steps)):
+        step = prepared.steps[k]
+        try:
+            prepared.shapes[k + 1] = step.output_shape(prepared.shapes[k])
+        except ParamError as exc:
+            raise ConfigError(str(exc), file=str(wf.params_file) if wf.params_file else None, table=step.name,
+                              key=exc.key) from None
 
 
 @dataclass
@@ -196,10 +216,35 @@ def run(prepared: Prepared, *, device_choice: Any, overwrite: bool = False, show
     finishing: dict[int, Future] = {}
     reports: dict[int, list[Future]] = {}
 
+    def bind_dependents(i: int, state_by_channel: dict[str, Any]) -> None:
+        """Give the steps that use step i's result their derived state, then redo the shapes after step i."""
+        for j in range(i + 1, len(steps)):
+            if steps[j].depends_on == steps[i].name:
+                derived: dict[int, Any] = {}  # channels sharing one upstream state share the derived one
+                states[j] = {c: derived.setdefault(id(s), steps[j].derive_state(s, n))
+                             for c, s in state_by_channel.items()}
+        _reshape(prepared, i + 1)
+
+    for j in range(start, len(steps)):  # results of steps done before this run, read back from their folders
+        dep = steps[j].depends_on
+        if dep and dep not in [s.name for s in steps[start:j]]:
+            saved = REGISTRY[dep].load_state(process / dep)
+            states[j] = {c: steps[j].derive_state(saved, n) for c in channels[:1]}
+            states[j] = {c: states[j][channels[0]] for c in channels}
+            _reshape(prepared, j)
+
     def channel_report(i: int, channel: str, run_: StepRun) -> None:
         step = steps[i]
-        outputs = (partials[i] if channel == "." else partials[i] / channel) / "outputs"
         names = list(prepared.sources[channel].names)
+        if not step.writes_slices:  # a result, no slices: one report at the step's root, no statistics
+            if channel == channels[0]:
+                outputs = partials[i] / "outputs"
+                outputs.mkdir(parents=True, exist_ok=True)
+                prefix = step.name
+                step.write_report(Report(outputs, run_.state, run_.stats, names, prepared.shapes[i],
+                                         prepared.shapes[i + 1], run_.records, lambda m: log(f"{prefix}: {m}")))
+            return
+        outputs = (partials[i] if channel == "." else partials[i] / channel) / "outputs"
         write_stats(outputs, run_.stats, names, step.name + ("" if channel == "." else f" - {channel}"))
         prefix = step.name + ("" if channel == "." else f" [{channel}]")
         step.write_report(Report(outputs, run_.state, run_.stats, names, prepared.shapes[i], prepared.shapes[i + 1],
@@ -268,6 +313,7 @@ def run(prepared: Prepared, *, device_choice: Any, overwrite: bool = False, show
                 fit_step = steps[plan.fit]
                 reduced = {c: fit_step.fit_reduce(p) for c, p in fit_partials.items()}
                 states[plan.fit] = {c: reduced.get(c, reduced.get(channels[0])) for c in channels}
+                bind_dependents(plan.fit, states[plan.fit])
             elapsed = time.perf_counter() - pass_start
             for i in indices:
                 timings[steps[i].name] = elapsed

@@ -6,6 +6,7 @@ from gpustack.steps.background import BkgRemoval
 from gpustack.steps.base import Batch, Step
 from gpustack.steps.cropping import Cropping, CroppingFinal
 from gpustack.steps.intensity import IntensityRescaling, IntensityRescalingArea
+from gpustack.steps.registration import RegistrationCalculation, RegistrationTransformation
 
 # PyStack3D's nine steps, in its canonical order (PEERS.md §1.0).
 PYSTACK3D_STEPS = (
@@ -21,7 +22,9 @@ PYSTACK3D_STEPS = (
 )
 
 REGISTRY: dict[str, type[Step]] = {
-    cls.name: cls for cls in (Cropping, BkgRemoval, IntensityRescaling, IntensityRescalingArea, CroppingFinal)
+    cls.name: cls
+    for cls in (Cropping, BkgRemoval, IntensityRescaling, IntensityRescalingArea, RegistrationCalculation,
+                RegistrationTransformation, CroppingFinal)
 }
 
 __all__ = ["PYSTACK3D_STEPS", "REGISTRY", "Batch", "Step"]

@@ -72,6 +72,7 @@ class Step:
     work_buffers: ClassVar[int] = 2  # float32 slice-sized buffers per slice at peak, for the batch-size budget
     writes_slices: ClassVar[bool] = True  # False for steps that only compute a state (registration_calculation)
     may_make_nan: ClassVar[bool] = False  # True if outputs can hold NaN (e.g. 'constant' warps): NaN-aware stats
+    depends_on: ClassVar[str | None] = None  # a step whose result `apply` needs (registration_transformation)
 
     def __init__(self, config: Any):
         self.config = config
@@ -106,3 +107,17 @@ class Step:
 
     def write_report(self, report: Report) -> None:
         """Step-specific outputs beside the standard statistics; nothing by default."""
+
+    # -- results shared between steps (`depends_on`) ----------------------------------------------------------
+    def derive_state(self, upstream: Any, n_slices: int) -> Any:
+        """This step's state from the result of the step it depends on; may fix `output_shape` (a crop)."""
+        return upstream
+
+    @classmethod
+    def has_saved_state(cls, folder: Path) -> bool:
+        """Whether a previous run left this step's result in its folder (for steps others depend on)."""
+        return False
+
+    @classmethod
+    def load_state(cls, folder: Path) -> Any:  # pragma: no cover - contract
+        raise NotImplementedError

@@ -1,0 +1,391 @@
+"""`registration_calculation` and `registration_transformation` (PEERS §1.5-1.6).
+
+The calculation runs as a statistics pass on the first channel: each slice is registered to the `references`
+slices before it (phase correlation on the device, or pystackreg), and the slices' positions are solved in least
+squares from all those measurements, weighted by their quality; with `references = 1` this is PyStack3D's
+pairwise chaining, whose error grows as a random walk. The result is saved as PyStack3D's `tmats.npy` (pairwise
+matrices, (n, blocks, 3, 3)), so PyStack3D's own transformation step can read it, and the transformation step
+of a later run too.
+
+The transformation accumulates the matrices, removes a constant drift or a running average if asked, and warps
+every channel in batches on the device. Matrices follow skimage's `warp` convention (output pixel -> input pixel,
+[x, y, 1] with x the column), as pystackreg's do.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from gpustack.area import Area
+from gpustack.schema import Invalid, area, boolean, choice, int_list, integer, number, optional, param
+from gpustack.steps.base import Batch, ParamError, Report, Step
+
+if TYPE_CHECKING:
+    import torch
+
+TRANSFORMATIONS = ("TRANSLATION", "RIGID_BODY", "SCALED_ROTATION", "AFFINE")
+LOW_QUALITY = 0.1  # normalised correlation below which a pair is treated as no measurement
+
+
+@dataclass(frozen=True)
+class RegistrationCalculationConfig:
+    area: Area | None = param(None, optional(area), "sub-image used to register [xmin, xmax, ymin, ymax] (px, "
+                                                    "origin bottom-left); unset: whole image")
+    threshold: float | None = param(None, optional(number()), "binarise before registering (pixels <= threshold)")
+    nb_blocks: tuple[int, ...] = param((1, 1), int_list(2, lo=1), "[rows, cols] of blocks, one transform per block")
+    transformation: str = param("TRANSLATION", choice(*TRANSFORMATIONS), "model: " + ", ".join(TRANSFORMATIONS))
+    engine: str = param("auto", choice("auto", "gpustack", "pystackreg"),
+                        "gpustack: phase correlation on the device (TRANSLATION); pystackreg: PyStack3D's library "
+                        "on the CPU; auto: gpustack when it has the model")
+    references: int = param(1, integer(1, 16), "gpustack: register each slice to this many slices before it and "
+                                              "solve positions in robust least squares (1: pairwise chaining)")
+    upsample: int = param(20, integer(1, 1000), "gpustack: sub-pixel precision of phase correlation, 1/upsample px")
+
+    def __post_init__(self) -> None:
+        if self.engine == "gpustack" and self.transformation != "TRANSLATION":
+            raise Invalid("engine", f"gpustack's own estimator does {'TRANSLATION'} only in this version; use "
+                                    f"engine = \"pystackreg\" (or \"auto\") for {self.transformation}")
+
+    @property
+    def uses_pystackreg(self) -> bool:
+        return self.engine == "pystackreg" or (self.engine == "auto" and self.transformation != "TRANSLATION")
+
+
+class RegistrationCalculation(Step):
+    name = "registration_calculation"
+    Config = RegistrationCalculationConfig
+    writes_slices = False
+    fit_on_first_channel = True
+    work_buffers = 4  # windowed copies and their spectra
+
+    def __init__(self, config: RegistrationCalculationConfig):
+        super().__init__(config)
+        self.fit_halo = (1 if config.uses_pystackreg else config.references, 0)  # type: ignore[misc]
+
+    def output_shape(self, shape: tuple[int, int]) -> tuple[int, int]:
+        rows, cols = shape
+        if self.config.area is not None:
+            try:
+                rows, cols = self.config.area.shape(*shape)
+            except ValueError as exc:
+                raise ParamError("area", str(exc)) from None
+        p, q = self.config.nb_blocks
+        if rows // p < 16 or cols // q < 16:
+            raise ParamError("nb_blocks", f"{p}x{q} blocks of a {cols}x{rows} px image are smaller than 16 px")
+        return shape
+
+    def _prepare(self, x: "torch.Tensor") -> "torch.Tensor":
+        """Area, binarisation and blocks: (n, H, W) -> (n, blocks, h, w)."""
+        import torch
+
+        if self.config.area is not None:
+            rows, cols = self.config.area.rows_cols(*x.shape[1:])
+            x = x[:, rows, cols]
+        if self.config.threshold is not None:
+            x = (x <= self.config.threshold).to(torch.float32)
+        x = torch.nan_to_num(x)
+        p, q = self.config.nb_blocks
+        h, w = x.shape[1] // p, x.shape[2] // q
+        x = x[:, : p * h, : q * w].reshape(x.shape[0], p, h, q, w).permute(0, 1, 3, 2, 4)
+        return x.reshape(x.shape[0], p * q, h, w)
+
+    def fit_batch(self, batch: Batch) -> dict[str, Any]:
+        """Measurements (slice k, reference k - d, block): translation of k relative to k - d and its quality."""
+        import torch
+
+        x = self._prepare(batch.data)
+        first = batch.core.start
+        pairs = [(r, r - d) for r in range(first, batch.core.stop) for d in range(1, self.fit_halo[0] + 1)
+                 if batch.start + r - d >= 0 and r - d >= 0]
+        if not pairs:
+            return {"k": [], "d": [], "mats": None, "quality": None, "blocks": x.shape[1], "n_total": batch.n_total}
+        mov = torch.stack([x[r] for r, _ in pairs])  # (pairs, blocks, h, w)
+        ref = torch.stack([x[j] for _, j in pairs])
+        blocks = x.shape[1]
+        if self.config.uses_pystackreg:
+            mats, quality = _pystackreg_pairs(ref, mov, self.config.transformation)
+        else:
+            from gpustack.kernels.phase_correlation import estimate_shifts
+
+            # Plain (not whitened, not windowed) cross-correlation: on slices whose structures change from one
+            # to the next it is as accurate as pystackreg, where phase correlation is thrown off (measured).
+            shift, quality = estimate_shifts(ref.flatten(0, 1), mov.flatten(0, 1), upsample=self.config.upsample,
+                                             window=False, normalise=False)
+            mats = _translation(shift.reshape(len(pairs), blocks, 2))
+            quality = quality.reshape(len(pairs), blocks)
+        return {"k": [batch.start + r for r, _ in pairs], "d": [r - j for r, j in pairs], "mats": mats,
+                "quality": quality, "blocks": blocks, "n_total": batch.n_total}
+
+    def fit_reduce(self, partials: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        ks = [k for p in partials for k in p["k"]]
+        ds = [d for p in partials for d in p["d"]]
+        n = partials[0]["n_total"]
+        blocks = partials[0]["blocks"]
+        mats = [p["mats"] for p in partials if p["k"]]
+        if not mats:  # one slice: nothing to register
+            eye = np.tile(np.eye(3), (n, blocks, 1, 1))
+            return {"tmats": eye, "quality": np.ones((n, blocks)), "pairs": np.zeros((0, 5))}
+        mats = torch.cat(mats).double().cpu().numpy()  # sync: once per stack, (pairs, blocks, 3, 3)
+        quality = torch.cat([p["quality"] for p in partials if p["k"]]).double().cpu().numpy()
+        ks_a, ds_a = np.asarray(ks), np.asarray(ds)
+        if self.config.transformation == "TRANSLATION" and self.fit_halo[0] > 1:
+            tmats = _solve_translations(ks_a, ds_a, mats, quality, n)
+        else:  # pairwise chaining, PyStack3D's way; a low-quality pair becomes the identity
+            tmats = np.tile(np.eye(3), (n, blocks, 1, 1))
+            first = ds_a == 1
+            good = quality[first] >= LOW_QUALITY
+            tmats[ks_a[first]] = np.where(good[..., None, None], mats[first], np.eye(3))
+        pair_quality = np.ones((n, blocks))
+        first = ds_a == 1
+        pair_quality[ks_a[first]] = quality[first]
+        table = np.column_stack([ks_a, ks_a - ds_a, quality.min(axis=1), mats[:, 0, 0, 2], mats[:, 0, 1, 2]])
+        return {"tmats": tmats, "quality": pair_quality, "pairs": table}
+
+    def apply(self, batch: Batch, state: Any) -> "torch.Tensor":
+        return batch.data  # a result, not a correction: the slices pass on unchanged
+
+    def write_report(self, report: Report) -> None:
+        from gpustack.report.registration import write_calculation_report
+
+        write_calculation_report(self, report)
+
+    @classmethod
+    def has_saved_state(cls, folder: Path) -> bool:
+        return (folder / "tmats.npy").is_file()
+
+    @classmethod
+    def load_state(cls, folder: Path) -> dict[str, Any]:
+        tmats = np.load(folder / "tmats.npy")
+        if tmats.ndim == 3:  # (n, 3, 3): one block
+            tmats = tmats[:, None]
+        return {"tmats": tmats, "quality": np.ones(tmats.shape[:2]), "pairs": np.zeros((0, 5))}
+
+
+def _translation(shift: "torch.Tensor") -> "torch.Tensor":
+    import torch
+
+    mats = torch.eye(3, dtype=torch.float64, device=shift.device).expand(*shift.shape[:-1], 3, 3).clone()
+    mats[..., 0, 2] = shift[..., 0].to(torch.float64)
+    mats[..., 1, 2] = shift[..., 1].to(torch.float64)
+    return mats
+
+
+def _solve_translations(ks: np.ndarray, ds: np.ndarray, mats: np.ndarray, quality: np.ndarray,
+                        n: int) -> np.ndarray:
+    """Positions p_k (p_0 = 0) from measured p_k - p_(k-d), robust weighted least squares per block; pairwise
+    tmats back.
+
+    Weights are quality²; over a few rounds, measurements between slices further apart than 1 that disagree
+    with the solution by more than 3 robust standard deviations (structures that changed too much) are
+    down-weighted by Tukey's biweight; consecutive pairs keep their weight. A faint tie between consecutive slices keeps a slice with no usable
+    measurement where its neighbour is (identity) instead of leaving the system singular.
+    """
+    blocks = mats.shape[1]
+    tmats = np.tile(np.eye(3), (n, blocks, 1, 1))
+    if n < 2:
+        return tmats
+    tie = 1e-6
+    k_all = np.concatenate([ks, np.arange(1, n)])
+    j_all = np.concatenate([ks - ds, np.arange(n - 1)])
+    for b in range(blocks):
+        m_all = np.concatenate([mats[:, b, :2, 2], np.zeros((n - 1, 2))])
+        base = np.concatenate([np.where(quality[:, b] >= LOW_QUALITY, quality[:, b] ** 2, 0.0), np.full(n - 1, tie)])
+        w = base.copy()
+        dist = np.concatenate([ds, np.ones(n - 1, int)])
+        for _ in range(6):
+            positions = _solve_graph(k_all, j_all, w, m_all, n)
+            resid = np.linalg.norm(positions[k_all] - positions[j_all] - m_all, axis=1)
+            far = (base > tie) & (dist > 1)  # consecutive pairs are the backbone and keep their weight
+            if not far.any():
+                break
+            scale = max(1.4826 * np.median(resid[base > tie]), 0.05)  # px
+            u = resid / (3 * scale)
+            w = np.where(far, base * np.clip(1 - u ** 2, 0, None) ** 2, base)
+        steps = np.diff(positions, axis=0)
+        tmats[1:, b, 0, 2] = steps[:, 0]
+        tmats[1:, b, 1, 2] = steps[:, 1]
+    return tmats
+
+
+def _solve_graph(k: np.ndarray, j: np.ndarray, w: np.ndarray, m: np.ndarray, n: int) -> np.ndarray:
+    """Weighted least squares for positions (n, 2), p_0 = 0, from p_k - p_j ≈ m: a banded normal system, solved
+    by a banded Cholesky factorisation (O(n * band²), no dense n x n matrix)."""
+    band = int(np.max(k - j)) if len(k) else 1
+    diag = np.zeros((band + 1, n))  # diag[d, i] = A[i, i - d]
+    rhs = np.zeros((n, 2))
+    np.add.at(diag[0], k, w)
+    np.add.at(diag[0], j, w)
+    np.add.at(diag, (k - j, k), -w)
+    np.add.at(rhs, k, w[:, None] * m)
+    np.add.at(rhs, j, -w[:, None] * m)
+    # p_0 is fixed at 0: drop row and column 0
+    a, r = diag[:, 1:], rhs[1:]
+    size = n - 1
+    lower = np.zeros_like(a)  # lower[d, i] = L[i, i - d]
+    for i in range(size):
+        for d in range(min(band, i), 0, -1):
+            jj = i - d
+            acc = a[d, i] - sum(lower[d + e, i] * lower[e, jj] for e in range(1, band - d + 1) if e <= jj)
+            lower[d, i] = acc / lower[0, jj]
+        lower[0, i] = np.sqrt(max(a[0, i] - sum(lower[d, i] ** 2 for d in range(1, min(band, i) + 1)), 1e-300))
+    y = np.zeros_like(r)
+    for i in range(size):
+        y[i] = (r[i] - sum(lower[d, i] * y[i - d] for d in range(1, min(band, i) + 1))) / lower[0, i]
+    x = np.zeros_like(r)
+    for i in range(size - 1, -1, -1):
+        x[i] = (y[i] - sum(lower[d, i + d] * x[i + d] for d in range(1, min(band, size - 1 - i) + 1))) / lower[0, i]
+    return np.vstack([np.zeros((1, 2)), x])
+
+
+_POOL = None
+
+
+def _pystackreg_pair(args: tuple[np.ndarray, np.ndarray, str]) -> np.ndarray:
+    from pystackreg import StackReg
+
+    ref, mov, name = args
+    return StackReg(getattr(StackReg, name)).register(ref, mov)
+
+
+def _pystackreg_pairs(ref: "torch.Tensor", mov: "torch.Tensor", name: str) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """pystackreg on a process pool, pair by pair and block by block (PyStack3D's engine, for exact parity)."""
+    import torch
+
+    try:
+        import pystackreg  # noqa: F401
+    except ImportError:
+        raise ParamError("engine", "pystackreg is not installed: pip install pystackreg, or use engine = "
+                                   "\"gpustack\" (TRANSLATION)") from None
+    global _POOL
+    if _POOL is None:
+        from concurrent.futures import ProcessPoolExecutor
+        import multiprocessing
+
+        _POOL = ProcessPoolExecutor(os.cpu_count() or 1, mp_context=multiprocessing.get_context("spawn"))
+    r = ref.double().cpu().numpy()  # sync: the CPU engine works on host arrays
+    m = mov.double().cpu().numpy()
+    jobs = [(r[i, b], m[i, b], name) for i in range(r.shape[0]) for b in range(r.shape[1])]
+    mats = np.stack(list(_POOL.map(_pystackreg_pair, jobs, chunksize=4))).reshape(r.shape[0], r.shape[1], 3, 3)
+    quality = np.ones(r.shape[:2])  # pystackreg gives no score
+    return torch.from_numpy(mats), torch.from_numpy(quality)
+
+
+@dataclass(frozen=True)
+class RegistrationTransformationConfig:
+    nb_blocks: tuple[int, ...] | None = param(None, optional(int_list(2, lo=1)),
+                                              "blocks of the calculation to use; unset: the calculation's")
+    constant_drift: tuple[float, ...] | None = param(None, optional(lambda v: tuple(number()(x) for x in _pair(v))),
+                                                     "[dx, dy] px per slice removed from the cumulative shifts")
+    box_size_averaging: int | None = param(None, optional(integer(0)),
+                                           "remove the running average over this many slices (keeps jitter "
+                                           "correction, leaves slow drift)")
+    subpixel: bool = param(True, boolean, "false: shift by whole pixels (cumulative translations rounded)")
+    mode: str = param("constant", choice("constant", "edge", "symmetric", "reflect", "wrap"),
+                      "what fills the pixels a warp brings in from outside ('constant': NaN, written as 0)")
+    cropping: bool = param(False, boolean, "crop to the largest rectangle no slice fills from outside")
+    order: int = param(1, integer(0, 3), "gpustack: interpolation, 0 nearest, 1 bilinear, 3 bicubic")
+
+    def __post_init__(self) -> None:
+        if self.order == 2:
+            raise Invalid("order", "2 is not available: use 0 (nearest), 1 (bilinear) or 3 (bicubic)")
+
+
+def _pair(value: Any) -> list:
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise ValueError(f"expected [dx, dy], got {value!r}")
+    return list(value)
+
+
+class RegistrationTransformation(Step):
+    name = "registration_transformation"
+    Config = RegistrationTransformationConfig
+    depends_on = "registration_calculation"
+    work_buffers = 4  # input, sampling grid (2 floats), output
+
+    def __init__(self, config: RegistrationTransformationConfig):
+        super().__init__(config)
+        self._cumulative: np.ndarray | None = None
+        self._crop: tuple[slice, slice] | None = None
+
+    @property
+    def may_make_nan(self) -> bool:  # type: ignore[override]
+        return self.config.mode == "constant" and not self.config.cropping
+
+    def output_shape(self, shape: tuple[int, int]) -> tuple[int, int]:
+        """The input shape, or with `cropping` once the transforms are known, the rectangle every slice covers."""
+        if not self.config.cropping or self._cumulative is None:
+            return shape
+        if self._crop is None:
+            import torch
+
+            from gpustack.kernels.warp import valid_region
+
+            self._crop = valid_region(torch.from_numpy(self._cumulative), shape)
+        rows, cols = self._crop
+        if rows.stop <= rows.start or cols.stop <= cols.start:
+            raise ParamError("cropping", "the slices move so far that no pixel is covered by all of them; "
+                                         "use cropping = false")
+        return rows.stop - rows.start, cols.stop - cols.start
+
+    def derive_state(self, upstream: dict[str, Any], n_slices: int) -> dict[str, Any]:
+        tmats = np.asarray(upstream["tmats"], dtype=np.float64)
+        if tmats.shape[0] != n_slices:
+            raise ParamError("nb_blocks", f"the registration has {tmats.shape[0]} slices, this stack {n_slices}: "
+                                          "run registration_calculation again on this stack")
+        blocks = tmats.shape[1]
+        wanted = self.config.nb_blocks
+        if wanted is not None and wanted[0] * wanted[1] != blocks:
+            raise ParamError("nb_blocks", f"{list(wanted)} does not match the calculation's {blocks} block(s)")
+        if blocks > 1:
+            raise ParamError("nb_blocks", "warping with several blocks (piecewise transforms) is not available in "
+                                          "this version: calculate with nb_blocks = [1, 1]")
+        pairwise = tmats[:, 0].copy()
+        cumulative = np.empty_like(pairwise)
+        acc = np.eye(3)
+        for k, t in enumerate(pairwise):
+            acc = acc @ t
+            cumulative[k] = acc
+        if self.config.constant_drift is not None:
+            dx, dy = self.config.constant_drift
+            cumulative[:, 0, 2] -= np.arange(n_slices) * dx
+            cumulative[:, 1, 2] -= np.arange(n_slices) * dy
+        box = self.config.box_size_averaging
+        if box is not None and box > 1:  # remove the running average: slow drift stays, jitter goes
+            import torch
+
+            from gpustack.kernels.histogram import running_mean
+
+            flat = torch.from_numpy(cumulative.reshape(n_slices, 9))
+            average, _ = running_mean(flat, torch.ones(n_slices, dtype=torch.float64), box)
+            cumulative = cumulative + np.eye(3) - average.numpy().reshape(n_slices, 3, 3)
+        if not self.config.subpixel:
+            cumulative[:, :2, 2] = np.round(cumulative[:, :2, 2])
+        self._cumulative = cumulative
+        self._crop = None
+        return {"cumulative": cumulative, "pairwise": pairwise}
+
+    def apply(self, batch: Batch, state: dict[str, Any]) -> "torch.Tensor":
+        import torch
+
+        from gpustack.kernels.warp import warp_affine
+
+        mats = state.get("_device_mats")
+        if mats is None or mats.device != batch.data.device:
+            mats = state["_device_mats"] = torch.from_numpy(state["cumulative"]).to(batch.data.device)
+        out = warp_affine(batch.data, mats[batch.start:batch.start + batch.data.shape[0]], mode=self.config.mode,
+                          order=self.config.order)
+        if self.config.cropping and self._crop is not None:
+            out = out[:, self._crop[0], self._crop[1]]
+        return out
+
+    def write_report(self, report: Report) -> None:
+        from gpustack.report.registration import write_transformation_report
+
+        write_transformation_report(self, report)
