@@ -34,6 +34,14 @@ class Sampling:
     def _blocks(self, height: int, width: int) -> tuple[int, int]:
         return max(1, height // self.sy), max(1, width // self.sx)
 
+    def take_masked(self, x: torch.Tensor, threshold_min: float | None,
+                    threshold_max: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`take` with the fit mask; strided sampling tests only the samples, not every pixel."""
+        if not self.averaging:
+            values = x[:, :: self.sy, :: self.sx]
+            return values, fit_mask(values, threshold_min, threshold_max)
+        return self.take(x, fit_mask(x, threshold_min, threshold_max))
+
     def take(self, x: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(values, valid) on the sample grid, (b, hs, ws); a block is valid if any of its pixels is."""
         if not self.averaging:
@@ -92,8 +100,10 @@ class Background:
         ok = torch.isfinite(grid).flatten(1).all(dim=1)
         grid = torch.where(ok[:, None, None], grid, 0.0)
         offset = torch.where(ok, offset, 0.0)
-        bkg = polynomial.evaluate(grid, self.height, self.width, torch.float32)
-        out = x - bkg + offset.to(torch.float32)[:, None, None]
+        # x - (background - offset), computed in the background's buffer: one slice-sized temporary
+        grid = grid.clone()
+        grid[:, 0, 0] -= offset.to(grid.dtype)
+        out = polynomial.evaluate(grid, self.height, self.width, torch.float32).neg_().add_(x)
         return out if keep is None else torch.where(keep, x, out)
 
 

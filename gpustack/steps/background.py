@@ -124,7 +124,6 @@ class BkgRemoval(Step):
         first slice of the group only), so that groups split across batches merge exactly."""
         import torch
 
-        from gpustack.kernels.background import fit_mask
 
         cfg = self.config
         x = batch.data[batch.core]
@@ -134,7 +133,7 @@ class BkgRemoval(Step):
         if not rows:
             return {"shape": tuple(x.shape[1:]), "groups": groups, "n_total": batch.n_total}
         sel = x[rows]
-        values, valid = self.sampling.take(sel, fit_mask(sel, cfg.threshold_min, cfg.threshold_max))
+        values, valid = self.sampling.take_masked(sel, cfg.threshold_min, cfg.threshold_max)
         weight = valid.to(torch.float32)
         for j, row in enumerate(rows):
             k = first + row
@@ -190,11 +189,11 @@ class BkgRemoval(Step):
         cfg = self.config
         x = batch.data
         model = self._model(x.shape[1], x.shape[2], x.device)
-        valid = fit_mask(x, cfg.threshold_min, cfg.threshold_max)
-        keep = None if cfg.correct_masked else ~valid
+        # The full-resolution mask is only needed to leave masked pixels alone; the fit masks its samples.
+        keep = None if cfg.correct_masked else ~fit_mask(x, cfg.threshold_min, cfg.threshold_max)
         records: dict[str, torch.Tensor] = {}
         if self.dim == 2:
-            values, ok = self.sampling.take(x, valid)
+            values, ok = self.sampling.take_masked(x, cfg.threshold_min, cfg.threshold_max)
             fit = model.fit_slices(values, ok, cfg.weight_func, cfg.maxiter)
             offset = (polynomial.mean_value(self.powers, fit.coefs, x.shape[1], x.shape[2]) if cfg.preserve_avg
                       else fit.coefs[:, 0])
