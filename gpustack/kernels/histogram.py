@@ -29,8 +29,9 @@ def slice_cdfs(x: torch.Tensor, bins: int = FINE_BINS) -> dict[str, torch.Tensor
         count = torch.full((b,), x.shape[1] * x.shape[2], dtype=torch.int64, device=x.device)
     span = (hi - lo).clamp_min(torch.finfo(torch.float32).tiny)
     # One bincount over every slice at once: bin index + slice * bins; NaN pixels go to a last, dropped bin.
-    idx = ((x - lo[:, None, None]) * (bins / span)[:, None, None]).nan_to_num_(0.0).clamp_(0, bins - 1)
-    idx = idx.to(torch.int32) + (torch.arange(b, dtype=torch.int32, device=x.device) * bins)[:, None, None]
+    t = (x - lo[:, None, None]).mul_((bins / span)[:, None, None]).nan_to_num_(0.0).clamp_(0, bins - 1)
+    idx = t.to(torch.int32).add_((torch.arange(b, dtype=torch.int32, device=x.device) * bins)[:, None, None])
+    del t
     if finite is not None:
         idx = torch.where(finite, idx, b * bins)
     hist = torch.bincount(idx.view(-1), minlength=b * bins + 1)[: b * bins].view(b, bins)
