@@ -15,6 +15,8 @@ _LAZY = {
     "background_terms": "gpustack.api",
     "rescale_intensity": "gpustack.api",
     "rescale_intensity_area": "gpustack.api",
+    "register_stack": "gpustack.api",
+    "warp_stack": "gpustack.api",
     "resolve_device": "gpustack.device",
     "GpustackError": "gpustack.errors",
     "ConfigError": "gpustack.errors",

@@ -132,3 +132,69 @@ def rescale_intensity_area(stack: Any, *, area: Sequence[int] | None = None, thr
                      threshold_max=threshold_max, factors_range=list(factors_range))
     out, state, _records, back = _run_step(IntensityRescalingArea(config), stack, device, batch_size)
     return out, back(state["factors"])
+
+
+def register_stack(stack: Any, *, references: int = 1, upsample: int = 20, area: Sequence[int] | None = None,
+                   device: str | None = None, batch_size: int = 16) -> Any:
+    """Translations that align every slice of a stack (N, H, W) onto slice 0, as (N, 3, 3) cumulative matrices
+    in skimage's `warp` convention (output pixel -> input pixel), the same kind of array as the input.
+
+    Each slice is matched to the `references` slices before it by cross-correlation (1/upsample px), and the
+    positions are solved in robust least squares (references = 1: pairwise chaining, as PyStack3D).
+    """
+    import numpy as np
+    import torch
+
+    from gpustack.arrays import to_torch
+    from gpustack.kernels.phase_correlation import estimate_shifts
+    from gpustack.steps.registration import _solve_translations
+
+    t, back = to_torch(stack, device)
+    if t.ndim != 3:
+        raise ValueError(f"expected a stack (N, H, W), got shape {tuple(t.shape)}")
+    if area is not None:
+        rows, cols = Area(*(int(v) for v in area)).rows_cols(*t.shape[1:])
+        t = t[:, rows, cols]
+    t = torch.nan_to_num(t.to(torch.float32))
+    n = t.shape[0]
+    ks, ds, shifts, quality = [], [], [], []
+    for s in range(1, n, batch_size):
+        for d in range(1, references + 1):
+            k = torch.arange(max(s, d), min(n, s + batch_size), device=t.device)
+            if len(k) == 0:
+                continue
+            shift, q = estimate_shifts(t[k - d], t[k], upsample=upsample, window=False, normalise=False)
+            ks.append(k.cpu().numpy())  # sync: small index and result arrays
+            ds.append(np.full(len(k), d))
+            shifts.append(shift.double().cpu().numpy())
+            quality.append(q.double().cpu().numpy())
+    if n < 2:
+        cumulative = np.tile(np.eye(3), (n, 1, 1))
+    else:
+        ks_a, ds_a = np.concatenate(ks), np.concatenate(ds)
+        mats = np.tile(np.eye(3), (len(ks_a), 1, 1, 1))
+        mats[:, 0, :2, 2] = np.concatenate(shifts)
+        pairwise = _solve_translations(ks_a, ds_a, mats, np.concatenate(quality)[:, None], n)[:, 0]
+        cumulative = np.tile(np.eye(3), (n, 1, 1))
+        cumulative[:, :2, 2] = np.cumsum(pairwise[:, :2, 2], axis=0)
+    return back(torch.from_numpy(cumulative))
+
+
+def warp_stack(stack: Any, matrices: Any, *, mode: str = "constant", order: int = 1,
+               device: str | None = None, batch_size: int = 16) -> Any:
+    """Warp each slice of a stack (N, H, W) with its (N, 3, 3) matrix (skimage's `warp` convention: output
+    pixel -> input pixel); `mode` as numpy.pad ('constant' fills NaN); float32 result of the same kind."""
+    import torch
+
+    from gpustack.arrays import to_torch
+    from gpustack.kernels.warp import warp_affine
+
+    t, back = to_torch(stack, device)
+    m, _ = to_torch(matrices, t.device)
+    if t.ndim != 3 or m.shape != (t.shape[0], 3, 3):
+        raise ValueError(f"expected a stack (N, H, W) and (N, 3, 3) matrices, got {tuple(t.shape)} and "
+                         f"{tuple(m.shape)}")
+    t, m = t.to(torch.float32), m.to(torch.float64)
+    out = torch.cat([warp_affine(t[s:s + batch_size], m[s:s + batch_size], mode=mode, order=order)
+                     for s in range(0, t.shape[0], batch_size)])
+    return back(out)

@@ -135,3 +135,28 @@ def test_transformation_without_its_calculation_is_refused(tmp_path):
     params = write_params(tmp_path, 'project_dir = "data"\nprocess_steps = ["registration_transformation"]\n')
     with pytest.raises(InputError, match="needs the result of registration_calculation"):
         prepare(load_workflow(params))
+
+
+def test_public_api_recovers_known_translations_and_undoes_them(device):
+    import torch
+
+    import gpustack
+    from gpustack.kernels.phase_correlation import fourier_shift
+
+    rng = np.random.default_rng(8)
+    base = torch.tensor(rng.normal(size=(96, 128)), dtype=torch.float32)
+    # a smooth texture: low-pass the noise in Fourier space
+    spectrum = torch.fft.rfft2(base)
+    fy = torch.fft.fftfreq(96)[:, None]
+    fx = torch.fft.rfftfreq(128)[None, :]
+    texture = torch.fft.irfft2(spectrum * torch.exp(-(fx ** 2 + fy ** 2) / (2 * 0.05 ** 2)), s=(96, 128))
+    steps = torch.tensor(rng.normal(0, 0.7, size=(12, 2)), dtype=torch.float64)
+    steps[0] = 0
+    positions = torch.cumsum(steps, dim=0)  # (dx, dy) of each slice relative to slice 0
+    stack = fourier_shift(texture.expand(12, -1, -1).contiguous().to(device), positions.to(device))
+    mats = gpustack.register_stack(stack, references=2)
+    assert isinstance(mats, torch.Tensor) and mats.shape == (12, 3, 3)
+    np.testing.assert_allclose(mats[:, :2, 2].cpu().numpy(), positions.numpy(), atol=0.1)
+    aligned = gpustack.warp_stack(stack, mats, mode="edge")
+    inner = aligned[:, 8:-8, 8:-8]
+    assert torch.abs(inner - inner[:1]).max() < 0.1 * texture.std()  # bilinear interpolation error

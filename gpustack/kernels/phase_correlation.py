@@ -43,7 +43,9 @@ Per pair:
    over the part that mov also shows when moved by the first estimate d1, and mov with
    the same window moved by d1, then repeats 2, 4 and 5 around d1 (no new coarse
    peak): the windowed images are translates up to (d - d1), the bias is gone. This
-   doubles the cost.
+   doubles the cost. With it, shifts up to ~1/3 of the size along an axis are found
+   on crops of a larger scene (beyond, the fixed window of the first pass leaves too
+   little common weight).
 
 Sign convention (pystackreg's, i.e. PyStack3D's)
 ------------------------------------------------
@@ -66,8 +68,9 @@ The normalised cross-correlation of the two prepared images (mean removed, windo
 over their overlap with ``recentre``) at the final subpixel shift, clipped to [0, 1]:
 sum(ref' mov'(. + d)) / sqrt(sum ref'^2 sum mov'^2). The numerator is a one-point
 inverse DFT of the un-whitened cross-power spectrum (band-limited circular
-interpolation, no resampling). ~1 for a clean translated pair, near 0 for unrelated
-images (~0.05 for independent white noise of 128 x 96), 0 when an image is constant.
+interpolation, no resampling). ~1 for a clean translated pair, 0 when an image is
+constant, near 0 for unrelated images: ~0.05 for independent white noise of 128 x 96,
+but up to ~0.35 for unrelated smooth textures (few independent samples).
 
 Device: pure torch (FFT, matmul, elementwise), one code path for every device, no loop
 over pairs and no host synchronisation (no `.item()`, no data-dependent Python
