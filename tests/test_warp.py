@@ -224,3 +224,23 @@ def test_valid_region_rotations_against_skimage(device):
     assert finite[rows, cols].all()
     area = (rows.stop - rows.start) * (cols.stop - cols.start)
     assert area == _brute_force_area(finite)  # maximal
+
+
+@pytest.mark.parametrize("mode", ["constant", "edge", "reflect", "symmetric", "wrap"])
+@pytest.mark.parametrize("order", [0, 1])
+def test_shift_images_equals_warp_affine(device, mode, order):
+    from gpustack.kernels.warp import shift_images, translation_matrices
+
+    rng = np.random.default_rng(11)
+    images = torch.tensor(rng.uniform(0, 100, (4, 21, 33)), dtype=torch.float32, device=device)
+    # subpixel, whole-pixel, within-tolerance and far-outside (several image sizes) shifts
+    shifts = torch.tensor([[2.3, -1.6], [-4.0, 3.0], [5 - 1e-9, 0.2], [71.4, -47.8]], dtype=torch.float64)
+    expected = warp_affine(images, translation_matrices(shifts).to(device), mode=mode, order=order)
+    got = shift_images(images, shifts.to(device), mode=mode, order=order)
+    assert torch.equal(torch.isnan(got), torch.isnan(expected))
+    torch.testing.assert_close(got.nan_to_num(), expected.nan_to_num(), rtol=0, atol=1e-4 * 100)
+    # whole-pixel shifts move values exactly
+    whole = shift_images(images[:1], torch.tensor([[3.0, -2.0]], dtype=torch.float64, device=device), mode=mode,
+                         order=order)
+    if mode == "constant":
+        assert torch.equal(whole[0, 2:, :-3], images[0, :-2, 3:])

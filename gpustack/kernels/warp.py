@@ -358,3 +358,102 @@ def valid_region(matrices: torch.Tensor, shape: tuple[int, int]) -> tuple[slice,
     last = last.cpu().numpy().astype(np.int64)  # sync
     r0, r1, c0, c1 = _largest_rectangle(first, last)
     return slice(r0, r1), slice(c0, c1)
+
+
+# ------------------------------------------------------------------------ translations
+
+
+def is_translation(matrices: torch.Tensor) -> bool:
+    """Whether every matrix only translates (the TRANSLATION model): `shift_images` then does the warp."""
+    m = torch.as_tensor(matrices)
+    eye = torch.eye(2, dtype=m.dtype, device=m.device)
+    return bool((m[:, :2, :2] == eye).all())  # sync: once per stack, on the host copy of the matrices
+
+
+def shift_images(images: torch.Tensor, shifts: torch.Tensor, *, mode: str = "constant", order: int = 1,
+                 fill: float = float("nan"), gather: bool = False) -> torch.Tensor:
+    """`warp_affine` for pure translations, out[y, x] = in(x + dx, y + dy), shifts (b, 2) = (dx, dy): each output
+    row and column reads the same two input rows and columns, so the warp is four gathers and two lerps instead of
+    a sampling grid (or, for bilinear, padded windows: `gather=False`). Same modes, fill and results as
+    `warp_affine` (orders 0 and 1)."""
+    if order not in (0, 1):
+        raise ValueError(f"shift_images does orders 0 and 1, got {order!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    b, height, width = images.shape
+    shifts = torch.as_tensor(shifts).to(device=images.device, dtype=torch.float64)
+
+    def taps(n: int, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        p = torch.arange(n, dtype=torch.float64, device=images.device)[None, :] + d[:, None]  # (b, n)
+        if order == 0:
+            k = _fold_nearest(p, n, mode)
+            outside = (p < -0.5) | (p >= n - 0.5)
+            k = k.clamp(0, n - 1)
+            return k.long(), k.long(), torch.zeros_like(p), outside
+        base = torch.floor(p)
+        frac = p - base
+        up = frac > 1 - TOL  # within TOL of the next centre: that pixel exactly
+        base, frac = torch.where(up, base + 1, base), torch.where(up | (frac < TOL), 0.0, frac)
+        outside = (p < -TOL) | (p > n - 1 + TOL)
+        fold = "edge" if mode == "constant" else mode
+        k0 = _fold_index(base, n, fold) if fold != "edge" else base.clamp(0, n - 1)
+        k1 = _fold_index(base + 1, n, fold) if fold != "edge" else (base + 1).clamp(0, n - 1)
+        return k0.long(), k1.long(), frac, outside
+
+    if mode != "symmetric" and order == 1 and min(height, width) > 1 and not gather:
+        return _shift_by_padding(images, shifts, mode, fill)
+    c0, c1, fx, out_x = taps(width, shifts[:, 0])
+    r0, r1, fy, out_y = taps(height, shifts[:, 1])
+    batch = torch.arange(b, device=images.device)[:, None, None]
+    wx = fx.to(images.dtype)[:, None, :]
+    wy = fy.to(images.dtype)[:, :, None]
+    top = torch.lerp(images[batch, r0[:, :, None], c0[:, None, :]], images[batch, r0[:, :, None], c1[:, None, :]], wx)
+    if order == 0:
+        out = top
+    else:
+        bottom = torch.lerp(images[batch, r1[:, :, None], c0[:, None, :]],
+                            images[batch, r1[:, :, None], c1[:, None, :]], wx)
+        out = torch.lerp(top, bottom, wy)
+    if mode == "constant":
+        out = out.masked_fill_(out_y[:, :, None] | out_x[:, None, :], fill)
+    return out
+
+
+_TORCH_PAD = {"constant": "replicate", "edge": "replicate", "reflect": "reflect", "wrap": "circular"}
+
+
+def _shift_by_padding(images: torch.Tensor, shifts: torch.Tensor, mode: str, fill: float) -> torch.Tensor:
+    """Bilinear shifts slice by slice: pad by the whole-pixel part (torch's pad has the numpy modes but
+    'symmetric'), take the shifted window and blend it with its neighbours by the fractional part. A few
+    passes over each slice instead of four gathers; the loop is over slices, not pixels."""
+    b, height, width = images.shape
+    base = torch.floor(shifts)
+    frac = shifts - base
+    up = frac > 1 - TOL
+    base, frac = torch.where(up, base + 1, base), torch.where(up | (frac < TOL), 0.0, frac)
+    base_host = base.to("cpu", torch.int64).tolist()  # sync: once per batch, b pairs of integers
+    out = torch.empty_like(images)
+    for k, (ix, iy) in enumerate(base_host):
+        # the window [iy, iy + H] x [ix, ix + W] (one extra row and column for the blend) of the padded slice
+        left, right = max(0, -ix), max(0, ix + width + 1 - width)
+        top, bottom = max(0, -iy), max(0, iy + height + 1 - height)
+        pad_mode = _TORCH_PAD[mode]
+        big = max(left, right) >= width or max(top, bottom) >= height
+        if big and pad_mode != "replicate":  # torch pads reflect/circular by less than the size: fold instead
+            out[k] = shift_images(images[k:k + 1], shifts[k:k + 1], mode=mode, order=1, fill=fill, gather=True)[0]
+            continue
+        src = images[k][None, None]
+        if left or right or top or bottom:
+            src = F.pad(src, (left, right, top, bottom), mode=pad_mode)
+        src = src[0, 0, iy + top:iy + top + height + 1, ix + left:ix + left + width + 1]
+        wx = frac[k, 0].to(images.dtype)
+        wy = frac[k, 1].to(images.dtype)
+        row0 = torch.lerp(src[:height, :width], src[:height, 1:width + 1], wx)
+        row1 = torch.lerp(src[1:height + 1, :width], src[1:height + 1, 1:width + 1], wx)
+        torch.lerp(row0, row1, wy, out=out[k])
+    if mode == "constant":
+        px = torch.arange(width, dtype=torch.float64, device=images.device)[None, :] + shifts[:, :1]
+        py = torch.arange(height, dtype=torch.float64, device=images.device)[None, :] + shifts[:, 1:]
+        outside = ((py < -TOL) | (py > height - 1 + TOL))[:, :, None] | ((px < -TOL) | (px > width - 1 + TOL))[:, None]
+        out = out.masked_fill_(outside, fill)
+    return out

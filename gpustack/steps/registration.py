@@ -369,18 +369,22 @@ class RegistrationTransformation(Step):
             cumulative[:, :2, 2] = np.round(cumulative[:, :2, 2])
         self._cumulative = cumulative
         self._crop = None
-        return {"cumulative": cumulative, "pairwise": pairwise}
+        translation = bool(np.all(cumulative[:, :2, :2] == np.eye(2))) and self.config.order in (0, 1)
+        return {"cumulative": cumulative, "pairwise": pairwise, "translation": translation}
 
     def apply(self, batch: Batch, state: dict[str, Any]) -> "torch.Tensor":
         import torch
 
-        from gpustack.kernels.warp import warp_affine
+        from gpustack.kernels.warp import shift_images, warp_affine
 
         mats = state.get("_device_mats")
         if mats is None or mats.device != batch.data.device:
             mats = state["_device_mats"] = torch.from_numpy(state["cumulative"]).to(batch.data.device)
-        out = warp_affine(batch.data, mats[batch.start:batch.start + batch.data.shape[0]], mode=self.config.mode,
-                          order=self.config.order)
+        mats = mats[batch.start:batch.start + batch.data.shape[0]]
+        if state.get("translation"):  # shifts only: padded windows and blends, no sampling grid
+            out = shift_images(batch.data, mats[:, :2, 2], mode=self.config.mode, order=self.config.order)
+        else:
+            out = warp_affine(batch.data, mats, mode=self.config.mode, order=self.config.order)
         if self.config.cropping and self._crop is not None:
             out = out[:, self._crop[0], self._crop[1]]
         return out
