@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from gpustack.config import Workflow
 from gpustack.errors import ConfigError, InputError
 from gpustack.io.tiff import StackSource, open_channel
@@ -216,21 +218,27 @@ def run(prepared: Prepared, *, device_choice: Any, overwrite: bool = False, show
     finishing: dict[int, Future] = {}
     reports: dict[int, list[Future]] = {}
 
+    def derive(j: int, upstream: Any) -> Any:
+        try:
+            return steps[j].derive_state(upstream, n)
+        except ParamError as exc:  # the result does not fit this step's parameters (e.g. its nb_blocks)
+            raise ConfigError(str(exc), file=str(wf.params_file) if wf.params_file else None,
+                              table=steps[j].name, key=exc.key) from None
+
     def bind_dependents(i: int, state_by_channel: dict[str, Any]) -> None:
         """Give the steps that use step i's result their derived state, then redo the shapes after step i."""
         for j in range(i + 1, len(steps)):
             if steps[j].depends_on == steps[i].name:
                 derived: dict[int, Any] = {}  # channels sharing one upstream state share the derived one
-                states[j] = {c: derived.setdefault(id(s), steps[j].derive_state(s, n))
+                states[j] = {c: derived[id(s)] if id(s) in derived else derived.setdefault(id(s), derive(j, s))
                              for c, s in state_by_channel.items()}
         _reshape(prepared, i + 1)
 
     for j in range(start, len(steps)):  # results of steps done before this run, read back from their folders
         dep = steps[j].depends_on
         if dep and dep not in [s.name for s in steps[start:j]]:
-            saved = REGISTRY[dep].load_state(process / dep)
-            states[j] = {c: steps[j].derive_state(saved, n) for c in channels[:1]}
-            states[j] = {c: states[j][channels[0]] for c in channels}
+            state = derive(j, REGISTRY[dep].load_state(process / dep))
+            states[j] = {c: state for c in channels}
             _reshape(prepared, j)
 
     def channel_report(i: int, channel: str, run_: StepRun) -> None:
@@ -301,9 +309,13 @@ def run(prepared: Prepared, *, device_choice: Any, overwrite: bool = False, show
                     fit = None
                 spec = PassSpec(source, runs, fit, push_region=bool(runs) and runs[0].region is not None)
                 label = f"[{number}/{len(passes)}] {' + '.join(labels)}" + ("" if channel == "." else f" [{channel}]")
-                with progress_bar(label, len(source), enabled=show_progress, log=log) as advance:
-                    run_pass(spec, device=device, batch_size=batch, io_threads=min(8, (wf.nproc or 2) * 2),
-                             on_progress=advance)
+                if not writes and fit is None:  # nothing to write or measure (a result step last): no reading
+                    for r in runs:
+                        r.stats = np.full((len(source), 9), np.nan, dtype=np.float32)
+                else:
+                    with progress_bar(label, len(source), enabled=show_progress, log=log) as advance:
+                        run_pass(spec, device=device, batch_size=batch, io_threads=min(8, (wf.nproc or 2) * 2),
+                                 on_progress=advance)
                 runs_by_channel[channel] = runs
                 for j, i in enumerate(indices):  # this channel's plots render while the next channel streams
                     reports.setdefault(i, []).append(reporter.submit(channel_report, i, channel, runs[j]))
