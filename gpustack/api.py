@@ -134,20 +134,22 @@ def rescale_intensity_area(stack: Any, *, area: Sequence[int] | None = None, thr
     return out, back(state["factors"])
 
 
-def register_stack(stack: Any, *, references: int = 1, upsample: int = 20, area: Sequence[int] | None = None,
-                   device: str | None = None, batch_size: int = 16) -> Any:
+def register_stack(stack: Any, *, references: int = 1, upsample: int = 20, refine: int = 0,
+                   area: Sequence[int] | None = None, device: str | None = None, batch_size: int = 16) -> Any:
     """Translations that align every slice of a stack (N, H, W) onto slice 0, as (N, 3, 3) cumulative matrices
     in skimage's `warp` convention (output pixel -> input pixel), the same kind of array as the input.
 
-    Each slice is matched to the `references` slices before it by cross-correlation (1/upsample px), and the
-    positions are solved in robust least squares (references = 1: pairwise chaining, as PyStack3D).
+    Each slice is matched to the `references` slices before it by cross-correlation (1/upsample px) refined by
+    `refine` Gauss-Newton iterations on the intensities, and the positions are solved in robust least squares
+    (references = 1: pairwise chaining, as PyStack3D).
     """
     import numpy as np
     import torch
 
     from gpustack.arrays import to_torch
     from gpustack.kernels.phase_correlation import estimate_shifts
-    from gpustack.steps.registration import _solve_translations
+    from gpustack.kernels.lucas_kanade import refine_translations
+    from gpustack.steps.registration import _padded, _solve_translations
 
     t, back = to_torch(stack, device)
     if t.ndim != 3:
@@ -163,7 +165,10 @@ def register_stack(stack: Any, *, references: int = 1, upsample: int = 20, area:
             k = torch.arange(max(s, d), min(n, s + batch_size), device=t.device)
             if len(k) == 0:
                 continue
-            shift, q = estimate_shifts(t[k - d], t[k], upsample=upsample, window=False, normalise=False)
+            shift, q = estimate_shifts(_padded(t[k - d]), _padded(t[k]), upsample=upsample, window=False,
+                                       normalise=False)
+            if refine:
+                shift = refine_translations(t[k - d], t[k], shift, iterations=refine)
             ks.append(k.cpu().numpy())  # sync: small index and result arrays
             ds.append(np.full(len(k), d))
             shifts.append(shift.double().cpu().numpy())

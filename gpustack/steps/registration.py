@@ -44,7 +44,9 @@ class RegistrationCalculationConfig:
                         "on the CPU; auto: gpustack when it has the model")
     references: int = param(1, integer(1, 16), "gpustack: register each slice to this many slices before it and "
                                               "solve positions in robust least squares (1: pairwise chaining)")
-    upsample: int = param(20, integer(1, 1000), "gpustack: sub-pixel precision of phase correlation, 1/upsample px")
+    upsample: int = param(20, integer(1, 1000), "gpustack: sub-pixel precision of the correlation peak, 1/upsample px")
+    refine: int = param(0, integer(0, 20), "gpustack: Gauss-Newton (Lucas-Kanade) iterations on the intensities "
+                                          "after the correlation peak (0: the peak only)")
 
     def __post_init__(self) -> None:
         if self.engine == "gpustack" and self.transformation != "TRANSLATION":
@@ -114,8 +116,13 @@ class RegistrationCalculation(Step):
 
             # Plain (not whitened, not windowed) cross-correlation: on slices whose structures change from one
             # to the next it is as accurate as pystackreg, where phase correlation is thrown off (measured).
-            ref, mov = _padded(ref.flatten(0, 1)), _padded(mov.flatten(0, 1))
-            shift, quality = estimate_shifts(ref, mov, upsample=self.config.upsample, window=False, normalise=False)
+            ref, mov = ref.flatten(0, 1), mov.flatten(0, 1)
+            shift, quality = estimate_shifts(_padded(ref), _padded(mov), upsample=self.config.upsample,
+                                             window=False, normalise=False)
+            if self.config.refine:
+                from gpustack.kernels.lucas_kanade import refine_translations
+
+                shift = refine_translations(ref, mov, shift, iterations=self.config.refine)
             mats = _translation(shift.reshape(len(pairs), blocks, 2))
             quality = quality.reshape(len(pairs), blocks)
         return {"k": [batch.start + r for r, _ in pairs], "d": [r - j for r, j in pairs], "mats": mats,
