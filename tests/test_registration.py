@@ -181,3 +181,12 @@ def test_lucas_kanade_refines_a_biased_start(device):
     flat = torch.full((1, 80, 96), 5.0, device=device)  # featureless: the start is kept, no NaN
     kept = refine_translations(flat, flat, start[:1], iterations=2)
     assert torch.equal(kept, start[:1])
+
+
+def test_a_threshold_that_empties_the_images_gives_identities_and_a_warning(tmp_path):
+    spec = SyntheticSpec(n_slices=6, height=96, width=96, seed=6).without_defects(drift_sigma=1.0)
+    stack = generate(tmp_path / "stack", spec)
+    process, logs = _run(tmp_path, _params(stack, '["cropping", "registration_calculation"]', "threshold = -1"))
+    tmats = np.load(process / "registration_calculation" / "tmats.npy")
+    np.testing.assert_array_equal(tmats, np.tile(np.eye(3), (6, 1, 1, 1)))
+    assert any("5 slice(s) could not be matched" in line for line in logs)
