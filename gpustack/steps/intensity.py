@@ -82,7 +82,8 @@ class IntensityRescaling(Step):
         if not bool(active.any()):  # sync: once per stack
             state["lut"] = torch.zeros(n, fine + 1, dtype=torch.float32, device=cdf.device)
             return state
-        gmin, gmax = lo[active].min(), hi[active].max()
+        gmin = torch.where(active, lo, float("inf")).min()  # no boolean indexing: it would synchronise
+        gmax = torch.where(active, hi, float("-inf")).max()
         edges = torch.linspace(0.0, 1.0, self.config.nbins + 1, dtype=torch.float64, device=cdf.device)
         edges = gmin + (gmax - gmin) * edges
         orig = cdf_at(edges, lo, hi, cdf)  # (n, nbins + 1) each slice's CDF on the common bins
@@ -194,7 +195,8 @@ class IntensityRescalingArea(Step):
         measured = torch.cat([p["count"] for p in partials]) > 0
         lo, hi = self.config.factors_range
         if bool(measured.any()):  # sync: once per stack
-            reference = torch.quantile(means[measured], 0.5)  # numpy's median (mean of the middle two)
+            # numpy's median (mean of the middle two) of the measured slices
+            reference = torch.nanquantile(torch.where(measured, means, float("nan")), 0.5)
             factors = (reference / means).clamp(lo, hi)
         else:
             reference = torch.tensor(float("nan"), dtype=torch.float64)
