@@ -82,7 +82,8 @@ def write_calculation_report(step: "RegistrationCalculation", report: "Report") 
     ax.set_title("registration quality (slice k against k-1)")
     save(fig, out / "quality.png")
     low = [report.names[k] for k in range(1, len(report.names)) if quality[k].min() < 0.1]
-    engine = "pystackreg" if step.config.uses_pystackreg else "phase correlation (gpustack)"
+    engine = ("pystackreg" if step.config.uses_pystackreg else "cross-correlation" + ("" if t == "TRANSLATION" else
+              " + Gauss-Newton on an image pyramid") + " (gpustack)")
     log = [f"transformation: {t}", f"engine: {engine}",
            f"references per slice: {step.fit_halo[0]}", f"blocks: {list(step.config.nb_blocks)}",
            f"area: {list(step.config.area) if step.config.area else 'whole image'}"]

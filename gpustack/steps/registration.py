@@ -39,23 +39,18 @@ class RegistrationCalculationConfig:
     threshold: float | None = param(None, optional(number()), "binarise before registering (pixels <= threshold)")
     nb_blocks: tuple[int, ...] = param((1, 1), int_list(2, lo=1), "[rows, cols] of blocks, one transform per block")
     transformation: str = param("TRANSLATION", choice(*TRANSFORMATIONS), "model: " + ", ".join(TRANSFORMATIONS))
-    engine: str = param("auto", choice("auto", "gpustack", "pystackreg"),
-                        "gpustack: phase correlation on the device (TRANSLATION); pystackreg: PyStack3D's library "
-                        "on the CPU; auto: gpustack when it has the model")
+    engine: str = param("gpustack", choice("gpustack", "pystackreg", "auto"),
+                        "gpustack: cross-correlation, then Gauss-Newton on an image pyramid for the richer models, "
+                        "on the device; pystackreg: PyStack3D's library on the CPU (auto: gpustack)")
     references: int = param(1, integer(1, 16), "gpustack: register each slice to this many slices before it and "
                                               "solve positions in robust least squares (1: pairwise chaining)")
     upsample: int = param(20, integer(1, 1000), "gpustack: sub-pixel precision of the correlation peak, 1/upsample px")
     refine: int = param(0, integer(0, 20), "gpustack: Gauss-Newton (Lucas-Kanade) iterations on the intensities "
                                           "after the correlation peak (0: the peak only)")
 
-    def __post_init__(self) -> None:
-        if self.engine == "gpustack" and self.transformation != "TRANSLATION":
-            raise Invalid("engine", f"gpustack's own estimator does {'TRANSLATION'} only in this version; use "
-                                    f"engine = \"pystackreg\" (or \"auto\") for {self.transformation}")
-
     @property
     def uses_pystackreg(self) -> bool:
-        return self.engine == "pystackreg" or (self.engine == "auto" and self.transformation != "TRANSLATION")
+        return self.engine == "pystackreg"
 
 
 class RegistrationCalculation(Step):
@@ -67,7 +62,9 @@ class RegistrationCalculation(Step):
 
     def __init__(self, config: RegistrationCalculationConfig):
         super().__init__(config)
-        self.fit_halo = (1 if config.uses_pystackreg else config.references, 0)  # type: ignore[misc]
+        # several references only for translations (their positions are solved jointly); other models chain
+        several = not config.uses_pystackreg and config.transformation == "TRANSLATION"
+        self.fit_halo = (config.references if several else 1, 0)  # type: ignore[misc]
 
     def output_shape(self, shape: tuple[int, int]) -> tuple[int, int]:
         rows, cols = shape
@@ -119,11 +116,18 @@ class RegistrationCalculation(Step):
             ref, mov = ref.flatten(0, 1), mov.flatten(0, 1)
             shift, quality = estimate_shifts(_padded(ref), _padded(mov), upsample=self.config.upsample,
                                              window=False, normalise=False)
-            if self.config.refine:
-                from gpustack.kernels.lucas_kanade import refine_translations
+            if self.config.transformation != "TRANSLATION":
+                from gpustack.kernels.affine_lk import estimate_affine
 
-                shift = refine_translations(ref, mov, shift, iterations=self.config.refine)
-            mats = _translation(shift.reshape(len(pairs), blocks, 2))
+                mats = estimate_affine(ref, mov, shift, model=self.config.transformation)
+                quality = torch.where(quality >= LOW_QUALITY, _aligned_correlation(ref, mov, mats), quality)
+                mats = mats.reshape(len(pairs), blocks, 3, 3)
+            else:
+                if self.config.refine:
+                    from gpustack.kernels.lucas_kanade import refine_translations
+
+                    shift = refine_translations(ref, mov, shift, iterations=self.config.refine)
+                mats = _translation(shift.reshape(len(pairs), blocks, 2))
             quality = quality.reshape(len(pairs), blocks)
         return {"k": [batch.start + r for r, _ in pairs], "d": [r - j for r, j in pairs], "mats": mats,
                 "quality": quality, "blocks": blocks, "n_total": batch.n_total}
@@ -173,6 +177,22 @@ class RegistrationCalculation(Step):
         if tmats.ndim == 3:  # (n, 3, 3): one block
             tmats = tmats[:, None]
         return {"tmats": tmats, "quality": np.ones(tmats.shape[:2]), "pairs": np.zeros((0, 5))}
+
+
+def _aligned_correlation(ref: "torch.Tensor", mov: "torch.Tensor", mats: "torch.Tensor") -> "torch.Tensor":
+    """Normalised correlation of ref and mov warped by mats, away from the border: the pair's quality."""
+    import torch
+
+    from gpustack.kernels.warp import warp_affine
+
+    warped = warp_affine(mov.to(torch.float32), mats, mode="edge")
+    m = max(2, min(ref.shape[1:]) // 16)
+    a = ref[:, m:-m, m:-m].to(torch.float32)
+    b = warped[:, m:-m, m:-m]
+    a = a - a.mean(dim=(1, 2), keepdim=True)
+    b = b - b.mean(dim=(1, 2), keepdim=True)
+    den = (a.square().sum((1, 2)) * b.square().sum((1, 2))).sqrt()
+    return torch.where(den > 0, (a * b).sum((1, 2)) / den.clamp_min(1e-30), 0.0).clamp(0, 1)
 
 
 def _fast_size(n: int) -> int:
