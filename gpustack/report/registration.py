@@ -39,7 +39,7 @@ def cumulate(pairwise: np.ndarray) -> np.ndarray:
     out = np.empty_like(pairwise)
     acc = np.eye(3)
     for k, t in enumerate(pairwise):
-        acc = acc @ t
+        acc = t @ acc  # pairwise t_k aligns k onto k-1: T_k = t_k T_(k-1) (pystackreg's register_stack)
         out[k] = acc
     return out
 

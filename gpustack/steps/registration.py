@@ -400,7 +400,7 @@ class RegistrationTransformation(Step):
         cumulative = np.empty_like(pairwise)
         acc = np.eye(3)
         for k, t in enumerate(pairwise):
-            acc = acc @ t
+            acc = t @ acc  # pairwise t_k aligns k onto k-1: T_k = t_k T_(k-1) (pystackreg's register_stack)
             cumulative[k] = acc
         if self.config.constant_drift is not None:
             dx, dy = self.config.constant_drift
