@@ -244,3 +244,26 @@ def test_shift_images_equals_warp_affine(device, mode, order):
                          order=order)
     if mode == "constant":
         assert torch.equal(whole[0, 2:, :-3], images[0, :-2, 3:])
+
+
+def test_warp_blocks_equals_warp_affine_for_equal_blocks_and_blends_between_centres(device):
+    from gpustack.kernels.warp import translation_matrices, warp_blocks
+
+    rng = np.random.default_rng(12)
+    images = torch.tensor(rng.uniform(0, 100, (2, 40, 50)), dtype=torch.float32, device=device)
+    shifts = torch.tensor([[1.5, -2.0], [0.3, 0.7]], dtype=torch.float64)
+    m = translation_matrices(shifts).to(device)
+    cy = torch.tensor([9.5, 29.5], device=device)
+    cx = torch.tensor([12.0, 37.0], device=device)
+    for mode in ("constant", "edge", "reflect", "symmetric", "wrap"):
+        same = warp_blocks(images, m[:, None, None].expand(2, 2, 2, 3, 3), cy, cx, mode=mode)
+        expected = warp_affine(images, m, mode=mode)
+        assert torch.equal(same.isnan(), expected.isnan())
+        torch.testing.assert_close(same.nan_to_num(), expected.nan_to_num(), rtol=0, atol=1e-3)
+    # left blocks shift by +2 px in x, right blocks by 0: at a left centre column +2, at a right one 0,
+    # halfway between +1 (a ramp image shows the displacement directly)
+    ramp = torch.arange(50, dtype=torch.float32, device=device).expand(1, 40, 50).contiguous()
+    grid = torch.eye(3, dtype=torch.float64, device=device).repeat(1, 2, 2, 1, 1)
+    grid[:, :, 0, 0, 2] = 2.0
+    out = warp_blocks(ramp, grid, cy, cx, mode="edge")
+    np.testing.assert_allclose(out[0, 20, [12, 24, 37]].cpu().numpy(), [14.0, 24.0 + 2 * 13 / 25, 37.0], atol=1e-4)

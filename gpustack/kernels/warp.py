@@ -457,3 +457,69 @@ def _shift_by_padding(images: torch.Tensor, shifts: torch.Tensor, mode: str, fil
         outside = ((py < -TOL) | (py > height - 1 + TOL))[:, :, None] | ((px < -TOL) | (px > width - 1 + TOL))[:, None]
         out = out.masked_fill_(outside, fill)
     return out
+
+
+# ------------------------------------------------------------------------ blocks
+
+
+def _sample_at(images: torch.Tensor, px: torch.Tensor, py: torch.Tensor, mode: str, order: int,
+               fill: float) -> torch.Tensor:
+    """Images sampled at input positions px, py (b, H, W) float64 (overwritten), with the modes of warp_affine."""
+    b, height, width = images.shape
+    outside = None
+    if mode == "constant" and order == 0:
+        outside = (px < -0.5) | (px >= width - 0.5) | (py < -0.5) | (py >= height - 0.5)
+    elif mode == "constant":
+        outside = (px < -TOL) | (px > width - 1 + TOL) | (py < -TOL) | (py > height - 1 + TOL)
+    if order == 0:
+        fx, fy = _fold_nearest(px, width, mode), _fold_nearest(py, height, mode)
+        if mode == "constant":
+            fx, fy = fx.clamp_(0, width - 1), fy.clamp_(0, height - 1)
+        lo = hi = 0
+    else:
+        fx, fy = _fold_sample(px, width, mode, order), _fold_sample(py, height, mode, order)
+        lo, hi = _pad(mode, order)
+    src = _extend(images, lo, hi, mode)
+    grid = torch.empty((b, height, width, 2), dtype=images.dtype, device=images.device)
+    _to_grid(grid, 0, fx, lo, width + lo + hi)
+    _to_grid(grid, 1, fy, lo, height + lo + hi)
+    out = F.grid_sample(src[:, None], grid, mode=ORDERS[order], padding_mode="border", align_corners=True)[:, 0]
+    return out if outside is None else out.masked_fill_(outside, fill)
+
+
+def _hat_weights(n: int, centres: torch.Tensor) -> torch.Tensor:
+    """(n, k) piecewise-linear interpolation weights between k sorted centres, constant beyond the ends."""
+    pos = torch.arange(n, dtype=torch.float64, device=centres.device)
+    k = centres.shape[0]
+    if k == 1:
+        return torch.ones(n, 1, dtype=torch.float64, device=centres.device)
+    idx = torch.searchsorted(centres, pos).clamp(1, k - 1)
+    c0, c1 = centres[idx - 1], centres[idx]
+    t = ((pos - c0) / (c1 - c0)).clamp(0, 1)
+    w = torch.zeros(n, k, dtype=torch.float64, device=centres.device)
+    w.scatter_(1, (idx - 1)[:, None], (1 - t)[:, None])
+    w.scatter_add_(1, idx[:, None], t[:, None])
+    return w
+
+
+def warp_blocks(images: torch.Tensor, matrices: torch.Tensor, centres_y: torch.Tensor, centres_x: torch.Tensor, *,
+                mode: str = "constant", order: int = 1, fill: float = float("nan")) -> torch.Tensor:
+    """Piecewise warp: one matrix per block, matrices (b, p, q, 3, 3) in full-image coordinates, blended
+    bilinearly between the block centres (rows `centres_y` (p,), columns `centres_x` (q,), in pixels) and held
+    constant beyond the outer centres, so that the map is continuous. A smooth counterpart of PyStack3D's
+    piecewise-affine triangulation over the same centres."""
+    if mode not in MODES or order not in ORDERS:
+        raise ValueError(f"mode must be one of {MODES} and order one of {tuple(ORDERS)}")
+    b, height, width = images.shape
+    wy = _hat_weights(height, centres_y.to(torch.float64))  # (H, p)
+    wx = _hat_weights(width, centres_x.to(torch.float64))  # (W, q)
+    m = matrices.to(device=images.device, dtype=torch.float64)
+    xs = torch.arange(width, dtype=torch.float64, device=images.device)[None, None, :]
+    ys = torch.arange(height, dtype=torch.float64, device=images.device)[None, :, None]
+
+    def field(r: int, c: int) -> torch.Tensor:  # the blended matrix entry (r, c) at every pixel, (b, H, W)
+        return torch.einsum("hi,bij,wj->bhw", wy, m[:, :, :, r, c], wx)
+
+    px = field(0, 0).mul_(xs).add_(field(0, 1).mul_(ys)).add_(field(0, 2))
+    py = field(1, 0).mul_(xs).add_(field(1, 1).mul_(ys)).add_(field(1, 2))
+    return _sample_at(images, px, py, mode, order, fill)

@@ -9,6 +9,7 @@ registration_transformation: `outputs/tmats_cumul.npy`, `outputs/tmats_cumul_evo
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -63,6 +64,8 @@ def write_calculation_report(step: "RegistrationCalculation", report: "Report") 
     out, state = report.outputs_dir, report.state
     tmats, quality = state["tmats"], state["quality"]
     np.save(out.parent / "tmats.npy", tmats)
+    geometry = {k: state[k] for k in ("grid", "origins", "centres_y", "centres_x") if k in state}
+    (out / "blocks.json").write_text(json.dumps(geometry))  # where the blocks are: read back on resume
     np.save(out / "quality.npy", quality)
     lines = ["slice,reference,quality,transl_x,transl_y"]
     lines += [f"{int(k)},{int(j)},{q:.4f},{tx:.4f},{ty:.4f}" for k, j, q, tx, ty in state["pairs"]]

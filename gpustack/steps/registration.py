@@ -102,7 +102,8 @@ class RegistrationCalculation(Step):
         pairs = [(r, r - d) for r in range(first, batch.core.stop) for d in range(1, self.fit_halo[0] + 1)
                  if batch.start + r - d >= 0 and r - d >= 0]
         if not pairs:
-            return {"k": [], "d": [], "mats": None, "quality": None, "blocks": x.shape[1], "n_total": batch.n_total}
+            return {"k": [], "d": [], "mats": None, "quality": None, "blocks": x.shape[1], "n_total": batch.n_total,
+                    "shape": tuple(batch.data.shape[1:])}
         mov = torch.stack([x[r] for r, _ in pairs])  # (pairs, blocks, h, w)
         ref = torch.stack([x[j] for _, j in pairs])
         blocks = x.shape[1]
@@ -130,7 +131,7 @@ class RegistrationCalculation(Step):
                 mats = _translation(shift.reshape(len(pairs), blocks, 2))
             quality = quality.reshape(len(pairs), blocks)
         return {"k": [batch.start + r for r, _ in pairs], "d": [r - j for r, j in pairs], "mats": mats,
-                "quality": quality, "blocks": blocks, "n_total": batch.n_total}
+                "quality": quality, "blocks": blocks, "n_total": batch.n_total, "shape": tuple(batch.data.shape[1:])}
 
     def fit_reduce(self, partials: list[dict[str, Any]]) -> dict[str, Any]:
         import torch
@@ -139,11 +140,13 @@ class RegistrationCalculation(Step):
         ds = [d for p in partials for d in p["d"]]
         n = partials[0]["n_total"]
         blocks = partials[0]["blocks"]
+        geometry = self._geometry(partials[0]["shape"])
         mats = [p["mats"] for p in partials if p["k"]]
         if not mats:  # one slice: nothing to register
             eye = np.tile(np.eye(3), (n, blocks, 1, 1))
-            return {"tmats": eye, "quality": np.ones((n, blocks)), "pairs": np.zeros((0, 5))}
+            return {"tmats": eye, "quality": np.ones((n, blocks)), "pairs": np.zeros((0, 5)), **geometry}
         mats = torch.cat(mats).double().cpu().numpy()  # sync: once per stack, (pairs, blocks, 3, 3)
+        mats = _to_full_frame(mats, np.asarray(geometry["origins"]))
         quality = torch.cat([p["quality"] for p in partials if p["k"]]).double().cpu().numpy()
         ks_a, ds_a = np.asarray(ks), np.asarray(ds)
         if self.config.transformation == "TRANSLATION" and self.fit_halo[0] > 1:
@@ -157,7 +160,19 @@ class RegistrationCalculation(Step):
         first = ds_a == 1
         pair_quality[ks_a[first]] = quality[first]
         table = np.column_stack([ks_a, ks_a - ds_a, quality.min(axis=1), mats[:, 0, 0, 2], mats[:, 0, 1, 2]])
-        return {"tmats": tmats, "quality": pair_quality, "pairs": table}
+        return {"tmats": tmats, "quality": pair_quality, "pairs": table, **geometry}
+
+    def _geometry(self, shape: tuple[int, int]) -> dict[str, Any]:
+        """Where the blocks are in the slice: their origins (x, y) and centres, in pixels of the whole slice."""
+        row0, col0, rows, cols = 0, 0, shape[0], shape[1]
+        if self.config.area is not None:
+            r, c = self.config.area.rows_cols(*shape)
+            row0, col0, rows, cols = r.start, c.start, r.stop - r.start, c.stop - c.start
+        p, q = self.config.nb_blocks
+        bh, bw = rows // p, cols // q
+        return {"grid": [p, q], "origins": [[col0 + j * bw, row0 + i * bh] for i in range(p) for j in range(q)],
+                "centres_y": [row0 + (i + 0.5) * bh - 0.5 for i in range(p)],
+                "centres_x": [col0 + (j + 0.5) * bw - 0.5 for j in range(q)]}
 
     def apply(self, batch: Batch, state: Any) -> "torch.Tensor":
         return batch.data  # a result, not a correction: the slices pass on unchanged
@@ -173,10 +188,26 @@ class RegistrationCalculation(Step):
 
     @classmethod
     def load_state(cls, folder: Path) -> dict[str, Any]:
+        import json
+
         tmats = np.load(folder / "tmats.npy")
         if tmats.ndim == 3:  # (n, 3, 3): one block
             tmats = tmats[:, None]
-        return {"tmats": tmats, "quality": np.ones(tmats.shape[:2]), "pairs": np.zeros((0, 5))}
+        state = {"tmats": tmats, "quality": np.ones(tmats.shape[:2]), "pairs": np.zeros((0, 5))}
+        geometry = folder / "outputs" / "blocks.json"
+        if geometry.is_file():
+            state.update(json.loads(geometry.read_text()))
+        return state
+
+
+def _to_full_frame(mats: np.ndarray, origins: np.ndarray) -> np.ndarray:
+    """Block-local matrices (pairs, blocks, 3, 3) -> whole-slice coordinates: T(o) M T(-o), o the block's origin
+    (a translation is unchanged; a rotation then turns about the right point)."""
+    shift = np.tile(np.eye(3), (len(origins), 1, 1))
+    shift[:, :2, 2] = origins
+    back = shift.copy()
+    back[:, :2, 2] = -origins
+    return shift[None] @ mats @ back[None]
 
 
 def _aligned_correlation(ref: "torch.Tensor", mov: "torch.Tensor", mats: "torch.Tensor") -> "torch.Tensor":
@@ -393,34 +424,41 @@ class RegistrationTransformation(Step):
         wanted = self.config.nb_blocks
         if wanted is not None and wanted[0] * wanted[1] != blocks:
             raise ParamError("nb_blocks", f"{list(wanted)} does not match the calculation's {blocks} block(s)")
-        if blocks > 1:
-            raise ParamError("nb_blocks", "warping with several blocks (piecewise transforms) is not available in "
-                                          "this version: calculate with nb_blocks = [1, 1]")
-        pairwise = tmats[:, 0].copy()
-        cumulative = np.empty_like(pairwise)
-        acc = np.eye(3)
-        for k, t in enumerate(pairwise):
-            acc = t @ acc  # pairwise t_k aligns k onto k-1: T_k = t_k T_(k-1) (pystackreg's register_stack)
+        if blocks > 1 and "centres_y" not in upstream:
+            raise ParamError("nb_blocks", f"the saved tmats.npy has {blocks} blocks but no outputs/blocks.json (was "
+                                          "it written by PyStack3D?): run registration_calculation with gpustack")
+        if blocks > 1 and self.config.cropping:
+            raise ParamError("cropping", "cropping to the common area is not available with several blocks")
+        cumulative = np.empty_like(tmats)
+        acc = np.tile(np.eye(3), (blocks, 1, 1))
+        for k in range(n_slices):
+            acc = tmats[k] @ acc  # pairwise t_k aligns k onto k-1: T_k = t_k T_(k-1) (pystackreg's register_stack)
             cumulative[k] = acc
+        pairwise = tmats[:, 0].copy()
         if self.config.constant_drift is not None:
             dx, dy = self.config.constant_drift
-            cumulative[:, 0, 2] -= np.arange(n_slices) * dx
-            cumulative[:, 1, 2] -= np.arange(n_slices) * dy
+            cumulative[:, :, 0, 2] -= np.arange(n_slices)[:, None] * dx
+            cumulative[:, :, 1, 2] -= np.arange(n_slices)[:, None] * dy
         box = self.config.box_size_averaging
         if box is not None and box > 1:  # remove the running average: slow drift stays, jitter goes
             import torch
 
             from gpustack.kernels.histogram import running_mean
 
-            flat = torch.from_numpy(cumulative.reshape(n_slices, 9))
+            flat = torch.from_numpy(cumulative.reshape(n_slices, blocks * 9))
             average, _ = running_mean(flat, torch.ones(n_slices, dtype=torch.float64), box)
-            cumulative = cumulative + np.eye(3) - average.numpy().reshape(n_slices, 3, 3)
+            cumulative = cumulative + np.eye(3) - average.numpy().reshape(n_slices, blocks, 3, 3)
         if not self.config.subpixel:
-            cumulative[:, :2, 2] = np.round(cumulative[:, :2, 2])
-        self._cumulative = cumulative
+            cumulative[..., :2, 2] = np.round(cumulative[..., :2, 2])
+        self._cumulative = cumulative[:, 0]
         self._crop = None
-        translation = bool(np.all(cumulative[:, :2, :2] == np.eye(2))) and self.config.order in (0, 1)
-        return {"cumulative": cumulative, "pairwise": pairwise, "translation": translation}
+        translation = (blocks == 1 and bool(np.all(cumulative[:, 0, :2, :2] == np.eye(2)))
+                       and self.config.order in (0, 1))
+        state = {"cumulative": cumulative[:, 0], "pairwise": pairwise, "translation": translation}
+        if blocks > 1:
+            state.update(blocks=cumulative, grid=tuple(upstream["grid"]), centres_y=upstream["centres_y"],
+                         centres_x=upstream["centres_x"])
+        return state
 
     def apply(self, batch: Batch, state: dict[str, Any]) -> "torch.Tensor":
         import torch
@@ -431,6 +469,17 @@ class RegistrationTransformation(Step):
         if mats is None or mats.device != batch.data.device:
             mats = state["_device_mats"] = torch.from_numpy(state["cumulative"]).to(batch.data.device)
         mats = mats[batch.start:batch.start + batch.data.shape[0]]
+        if "blocks" in state:  # one matrix per block, blended between the block centres
+            from gpustack.kernels.warp import warp_blocks
+
+            grid = state.get("_device_blocks")
+            if grid is None or grid.device != batch.data.device:
+                grid = state["_device_blocks"] = torch.from_numpy(state["blocks"]).to(batch.data.device)
+            p, q = state["grid"]
+            grid = grid[batch.start:batch.start + batch.data.shape[0]].reshape(-1, p, q, 3, 3)
+            centres = [torch.tensor(state[k], dtype=torch.float64, device=batch.data.device)
+                       for k in ("centres_y", "centres_x")]
+            return warp_blocks(batch.data, grid, *centres, mode=self.config.mode, order=self.config.order)
         if state.get("translation"):  # shifts only: padded windows and blends, no sampling grid
             out = shift_images(batch.data, mats[:, :2, 2], mode=self.config.mode, order=self.config.order)
         else:
