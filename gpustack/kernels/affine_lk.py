@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from gpustack.kernels.warp import warp_affine
 
 MODELS = ("TRANSLATION", "RIGID_BODY", "SCALED_ROTATION", "AFFINE")
+FINEST_ITERATIONS = 3
 
 
 def _matrices(model: str, q: torch.Tensor, centre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,7 +91,10 @@ def estimate_affine(ref: torch.Tensor, mov: torch.Tensor, shifts: torch.Tensor, 
         v, u = ys[None, :, None], xs[None, None, :]
         target = r[inner]
         active = torch.ones(b, dtype=torch.bool, device=ref.device)
-        for _ in range(iterations):
+        # the coarse levels do most of the work; the full-resolution level only polishes (it costs 4^levels more)
+        for _ in range(iterations if level else min(iterations, FINEST_ITERATIONS)):
+            if not bool(active.any()):  # sync: once per iteration, stops when every pair has converged
+                break
             a, mats = _matrices(model, q, centre)
             warped = warp_affine(m, mats, mode="edge")
             dy, dx = torch.gradient(warped, dim=(1, 2))
