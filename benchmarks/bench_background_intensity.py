@@ -42,8 +42,8 @@ import numpy as np
 import tifffile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import evict, machine, python, summary, timed, update_results
-from gpustack.synthetic import SyntheticSpec, SyntheticStack, generate, parse_name
+from benchmarks.common import cached_stack, evict, machine, python, summary, timed, update_results
+from gpustack.synthetic import SyntheticSpec, SyntheticStack, parse_name
 
 SEED = 7
 
@@ -99,17 +99,7 @@ def make_spec(slices: int, size: int) -> SyntheticSpec:
 
 
 def dataset(root: Path, spec: SyntheticSpec) -> SyntheticStack:
-    if (root / "truth.json").exists():
-        stack = SyntheticStack.load(root)
-        if stack.spec == spec and all(p.exists() for p in stack.files()):
-            return stack
-    if root.exists():
-        shutil.rmtree(root)
-    print(f"generating {spec.n_slices} slices of {spec.width}x{spec.height} uint16 in {root} ...", flush=True)
-    start = time.perf_counter()
-    stack = generate(root, spec)
-    print(f"  {time.perf_counter() - start:.0f} s", flush=True)
-    return stack
+    return cached_stack(root, spec)
 
 
 class Contender:

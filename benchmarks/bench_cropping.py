@@ -16,15 +16,14 @@ import json
 import os
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import tifffile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import evict, machine, python, summary, timed, update_results  # noqa: E402
-from gpustack.synthetic import SyntheticSpec, SyntheticStack, generate  # noqa: E402
+from benchmarks.common import cached_stack, evict, machine, python, summary, timed, update_results  # noqa: E402
+from gpustack.synthetic import SyntheticSpec, SyntheticStack  # noqa: E402
 
 CHANNELS = ("SE2", "ESB")
 
@@ -46,16 +45,7 @@ Stack3d(sys.argv[1]).eval(process_steps=["cropping"], nproc=int(sys.argv[2]), sh
 
 def dataset(root: Path, slices: int, size: int) -> SyntheticStack:
     spec = SyntheticSpec(n_slices=slices, height=size, width=size, channels=CHANNELS, delete_from=None, seed=7)
-    if (root / "truth.json").exists():
-        stack = SyntheticStack.load(root)
-        if stack.spec == spec:
-            return stack
-        shutil.rmtree(root)
-    print(f"generating {slices} slices of {size}x{size} uint16 x {len(CHANNELS)} channels in {root} ...", flush=True)
-    start = time.perf_counter()
-    stack = generate(root, spec)
-    print(f"  {time.perf_counter() - start:.0f} s", flush=True)
-    return stack
+    return cached_stack(root, spec)
 
 
 def main() -> None:

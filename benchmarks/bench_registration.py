@@ -23,24 +23,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_background_intensity import PYSTACK3D  # the PyStack3D driver  # noqa: E402
-from benchmarks.common import machine, python, timed, update_results  # noqa: E402
-from gpustack.synthetic import SyntheticSpec, SyntheticStack, generate  # noqa: E402
+from benchmarks.common import cached_stack, machine, python, timed, update_results  # noqa: E402
+from gpustack.synthetic import SyntheticSpec, SyntheticStack  # noqa: E402
 
 SEED = 11
 STEPS = {"crop": ["cropping"], "calc": ["cropping", "registration_calculation"],
          "warp": ["registration_transformation"]}  # "warp" runs in the "calc" folder, after it (history)
 TABLES = ('\n[cropping]\narea = {area}\n\n[registration_calculation]\nnb_blocks = [1, 1]\ntransformation = "{model}"\n'
           '\n[registration_transformation]\nmode = "edge"\n')
-
-
-def dataset(root: Path, spec: SyntheticSpec) -> SyntheticStack:
-    if (root / "truth.json").exists():
-        stack = SyntheticStack.load(root)
-        if stack.spec == spec and all(p.exists() for p in stack.files()):
-            return stack
-        shutil.rmtree(root)
-    print(f"generating {spec.n_slices} slices of {spec.width}x{spec.height} ...", flush=True)
-    return generate(root, spec)
 
 
 MODEL = "TRANSLATION"
@@ -116,7 +106,7 @@ def main() -> None:
     base = Path(__file__).resolve().parents[1] / "bench-data" / "registration" / f"n{args.slices}_s{args.size}"
     spec = SyntheticSpec(n_slices=args.slices, height=args.size, width=args.size, dtype="uint16",
                          seed=SEED).without_defects(noise_sigma=0.005, drift_sigma=0.5)
-    data = dataset(base / "data", spec)
+    data = cached_stack(base / "data", spec)
     times: dict[tuple[str, str], float] = {}
     for tool in ("gpustack", "pystack3d"):
         run_tool(tool, "crop", base / f"{tool}-warmup", data, args.nproc)  # page cache and imports warm

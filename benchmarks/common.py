@@ -92,3 +92,20 @@ def update_results(section: str, body: str) -> None:
 
 def python() -> str:
     return sys.executable
+
+
+def cached_stack(root: Path, spec):
+    """The synthetic stack of `spec` in root: generated once, reused while the spec and its files are there."""
+    from gpustack.synthetic import SyntheticStack, generate
+
+    if (root / "truth.json").exists():
+        stack = SyntheticStack.load(root)
+        if stack.spec == spec and all(p.exists() for ch in spec.channels for p in stack.files(ch)):
+            return stack
+        shutil.rmtree(root)
+    print(f"generating {spec.n_slices} slices of {spec.width}x{spec.height} {spec.dtype} x {len(spec.channels)} "
+          f"channel(s) in {root} ...", flush=True)
+    start = time.perf_counter()
+    stack = generate(root, spec)
+    print(f"  {time.perf_counter() - start:.0f} s", flush=True)
+    return stack
