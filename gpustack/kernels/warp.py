@@ -204,7 +204,7 @@ def _snapping(matrices: torch.Tensor, height: int, width: int, mode: str, order:
 
 
 def warp_affine(images: torch.Tensor, matrices: torch.Tensor, *, mode: str = "constant",
-                order: int = 1, fill: float = float("nan")) -> torch.Tensor:
+                order: int = 1, fill: float = float("nan"), snap: bool = True) -> torch.Tensor:
     """Warp each slice by its matrix (output -> input pixel coordinates, scikit-image's
     convention); same shape out. images (b, H, W) float32, matrices (b, 3, 3) (used as
     float64). One `grid_sample` call for the whole batch, no host sync."""
@@ -261,7 +261,7 @@ def warp_affine(images: torch.Tensor, matrices: torch.Tensor, *, mode: str = "co
     out = F.grid_sample(src[:, None], grid, mode=ORDERS[order], padding_mode="border",
                         align_corners=True)[:, 0]
     del grid, src
-    if order != 0:  # on a pixel centre: that pixel, exactly
+    if order != 0 and snap:  # on a pixel centre: that pixel, exactly (snap=False: the caller knows none is)
         snap, rows, cols = _snapping(matrices, height, width, mode, order)
         batch = torch.arange(b, device=images.device)[:, None, None]
         exact = images[batch, rows[:, :, None], cols[:, None, :]]

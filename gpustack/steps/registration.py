@@ -454,7 +454,10 @@ class RegistrationTransformation(Step):
         self._crop = None
         translation = (blocks == 1 and bool(np.all(cumulative[:, 0, :2, :2] == np.eye(2)))
                        and self.config.order in (0, 1))
-        state = {"cumulative": cumulative[:, 0], "pairwise": pairwise, "translation": translation}
+        linear = cumulative[:, 0, :2, :2]
+        axis_aligned = bool(np.all(np.abs(linear[:, 0, 1]) < 1e-12) and np.all(np.abs(linear[:, 1, 0]) < 1e-12))
+        state = {"cumulative": cumulative[:, 0], "pairwise": pairwise, "translation": translation,
+                 "axis_aligned": axis_aligned}
         if blocks > 1:
             state.update(blocks=cumulative, grid=tuple(upstream["grid"]), centres_y=upstream["centres_y"],
                          centres_x=upstream["centres_x"])
@@ -483,7 +486,9 @@ class RegistrationTransformation(Step):
         if state.get("translation"):  # shifts only: padded windows and blends, no sampling grid
             out = shift_images(batch.data, mats[:, :2, 2], mode=self.config.mode, order=self.config.order)
         else:
-            out = warp_affine(batch.data, mats, mode=self.config.mode, order=self.config.order)
+            # rotated or scaled slices never land on pixel centres: skip warp_affine's exactness pass for them
+            out = warp_affine(batch.data, mats, mode=self.config.mode, order=self.config.order,
+                              snap=state.get("axis_aligned", True))
         if self.config.cropping and self._crop is not None:
             out = out[:, self._crop[0], self._crop[1]]
         return out
