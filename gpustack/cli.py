@@ -13,6 +13,7 @@ from pathlib import Path
 
 from gpustack import __version__
 from gpustack.errors import ConfigError, GpustackError
+from gpustack.schema import Invalid
 
 
 def _log(message: str) -> None:
@@ -179,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     except GpustackError as exc:
         _log(f"gpustack: error: {exc}")
         return exc.exit_code
+    except Invalid as exc:  # a parameter that turned out not to fit the data mid-run: still one line, exit 2
+        _log(f"gpustack: error: [{exc.key}] {exc}")
+        return 2
     except KeyboardInterrupt:
         _log("gpustack: interrupted; finished steps are kept, the step in progress left nothing behind")
         return 130

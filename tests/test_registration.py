@@ -313,3 +313,17 @@ def test_block_matrices_go_to_whole_slice_coordinates():
     # the block origin (30, 50) stays where it is, and a point 10 px right of it turns about it
     np.testing.assert_allclose(full @ [30, 50, 1], [30, 50, 1])
     np.testing.assert_allclose(full @ [40, 50, 1], [30 + 10 * math.cos(th), 50 + 10 * math.sin(th), 1])
+
+
+def test_a_missing_pystackreg_is_named_before_the_run(tmp_path, monkeypatch):
+    import importlib.util
+
+    from tests.conftest import write_stack
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pystackreg" else real(name, *a))
+    write_stack(tmp_path / "data", n=3, shape=(64, 64))
+    params = write_params(tmp_path, 'project_dir = "data"\nprocess_steps = ["registration_calculation"]\n'
+                                    '[registration_calculation]\nengine = "pystackreg"\n')
+    with pytest.raises(ConfigError, match=r"\[registration_calculation\].*engine.*pystackreg is not installed"):
+        prepare(load_workflow(params))

@@ -73,6 +73,12 @@ class RegistrationCalculation(Step):
                 rows, cols = self.config.area.shape(*shape)
             except ValueError as exc:
                 raise ParamError("area", str(exc)) from None
+        if self.config.uses_pystackreg:  # checked before any slice is read, not in the middle of the pass
+            import importlib.util
+
+            if importlib.util.find_spec("pystackreg") is None:
+                raise ParamError("engine", "pystackreg is not installed: pip install pystackreg, or use engine = "
+                                           "\"gpustack\"")
         p, q = self.config.nb_blocks
         if rows // p < 16 or cols // q < 16:
             raise ParamError("nb_blocks", f"{p}x{q} blocks of a {cols}x{rows} px image are smaller than 16 px")
