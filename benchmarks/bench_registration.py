@@ -1,13 +1,14 @@
-"""Registration against PyStack3D: TRANSLATION estimation and warp, time and accuracy, in one run.
+"""Registration against PyStack3D: estimation and warp (TRANSLATION, or --transformation), time and accuracy.
 
 A synthetic uint16 stack whose slices drift by a random walk (known shifts) is cropped, registered and warped by
 gpustack and by PyStack3D (nproc = 2) from the same params.toml. Each tool runs three times as a fresh process,
 warm cache: cropping only, cropping + registration_calculation, then registration_transformation alone on that
-result, so that the estimation and the warp are timed against the cropping-only run. Accuracy: the cumulative translation of every slice
-(from each tool's tmats.npy, the same file format) against the known shifts.
+result, so that the estimation and the warp are timed against the cropping-only run. Accuracy: the cumulative
+displacement of every slice (from each tool's tmats.npy, the same file format) against the known shifts.
 
     python benchmarks/bench_registration.py              # 200 slices of 1024², about 4 min
     python benchmarks/bench_registration.py --quick      # 40 slices of 256², no RESULTS.md
+    python benchmarks/bench_registration.py --transformation RIGID_BODY   # about 3 min more
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ def run_tool(tool: str, stage: str, folder: Path, data: SyntheticStack, nproc: i
     if stage != "warp":
         shutil.rmtree(folder / "process", ignore_errors=True)
     text = (f'channels = ["."]\nnproc = {nproc}\nind_min = 0\nind_max = 99999\nprocess_steps = '
-            f"{json.dumps(STEPS[stage])}\nhistory = {json.dumps(history)}\n" + TABLES.format(area=list(data.area), model=MODEL))
+            f"{json.dumps(STEPS[stage])}\nhistory = {json.dumps(history)}\n"
+            + TABLES.format(area=list(data.area), model=MODEL))
     if tool == "gpustack":
         text = f"project_dir = {str(data.root)!r}\noutput_dir = {str(folder)!r}\n" + text
         text = text.replace(f'transformation = "{MODEL}"\n', f'transformation = "{MODEL}"\n' + extra)

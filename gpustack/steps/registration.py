@@ -153,7 +153,7 @@ class RegistrationCalculation(Step):
             return {"tmats": eye, "quality": np.ones((n, blocks)), "pairs": np.zeros((0, 5)), **geometry}
         mats = torch.cat(mats).double().cpu().numpy()  # sync: once per stack, (pairs, blocks, 3, 3)
         mats = _to_full_frame(mats, np.asarray(geometry["origins"]))
-        quality = torch.cat([p["quality"] for p in partials if p["k"]]).double().cpu().numpy()
+        quality = torch.cat([p["quality"] for p in partials if p["k"]]).double().cpu().numpy()  # sync: once
         ks_a, ds_a = np.asarray(ks), np.asarray(ds)
         if self.config.transformation == "TRANSLATION" and self.fit_halo[0] > 1:
             tmats = _solve_translations(ks_a, ds_a, mats, quality, n)
@@ -271,8 +271,9 @@ def _solve_translations(ks: np.ndarray, ds: np.ndarray, mats: np.ndarray, qualit
 
     Weights are quality²; over a few rounds, measurements between slices further apart than 1 that disagree
     with the solution by more than 3 robust standard deviations (structures that changed too much) are
-    down-weighted by Tukey's biweight; consecutive pairs keep their weight. A faint tie between consecutive slices keeps a slice with no usable
-    measurement where its neighbour is (identity) instead of leaving the system singular.
+    down-weighted by Tukey's biweight; consecutive pairs keep their weight. A faint tie between consecutive
+    slices keeps a slice with no usable measurement where its neighbour is (identity) instead of leaving the
+    system singular.
     """
     blocks = mats.shape[1]
     tmats = np.tile(np.eye(3), (n, blocks, 1, 1))
@@ -357,7 +358,7 @@ def _pystackreg_pairs(ref: "torch.Tensor", mov: "torch.Tensor", name: str) -> tu
 
         _POOL = ProcessPoolExecutor(os.cpu_count() or 1, mp_context=multiprocessing.get_context("spawn"))
     r = ref.double().cpu().numpy()  # sync: the CPU engine works on host arrays
-    m = mov.double().cpu().numpy()
+    m = mov.double().cpu().numpy()  # sync: the CPU engine works on host arrays
     jobs = [(r[i, b], m[i, b], name) for i in range(r.shape[0]) for b in range(r.shape[1])]
     mats = np.stack(list(_POOL.map(_pystackreg_pair, jobs, chunksize=4))).reshape(r.shape[0], r.shape[1], 3, 3)
     quality = np.ones(r.shape[:2])  # pystackreg gives no score
