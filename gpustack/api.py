@@ -147,9 +147,7 @@ def register_stack(stack: Any, *, references: int = 1, upsample: int = 20, refin
     import torch
 
     from gpustack.arrays import to_torch
-    from gpustack.kernels.phase_correlation import estimate_shifts
-    from gpustack.kernels.lucas_kanade import refine_translations
-    from gpustack.steps.registration import _padded, _solve_translations
+    from gpustack.steps.registration import _solve_translations, measure_translations
 
     t, back = to_torch(stack, device)
     if t.ndim != 3:
@@ -165,10 +163,7 @@ def register_stack(stack: Any, *, references: int = 1, upsample: int = 20, refin
             k = torch.arange(max(s, d), min(n, s + batch_size), device=t.device)
             if len(k) == 0:
                 continue
-            shift, q = estimate_shifts(_padded(t[k - d]), _padded(t[k]), upsample=upsample, window=False,
-                                       normalise=False)
-            if refine:
-                shift = refine_translations(t[k - d], t[k], shift, iterations=refine)
+            shift, q = measure_translations(t[k - d], t[k], upsample=upsample, refine=refine)
             ks.append(k.cpu().numpy())  # sync: small index and result arrays
             ds.append(np.full(len(k), d))
             shifts.append(shift.double().cpu().numpy())

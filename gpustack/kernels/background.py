@@ -105,7 +105,3 @@ class Background:
         grid[:, 0, 0] -= offset.to(grid.dtype)
         out = polynomial.evaluate(grid, self.height, self.width, torch.float32).neg_().add_(x)
         return out if keep is None else torch.where(keep, x, out)
-
-
-def design_3d(powers: polynomial.Powers, ys: torch.Tensor, xs: torch.Tensor, zs: torch.Tensor) -> torch.Tensor:
-    return polynomial.design_matrix(powers, xs, ys, zs)

@@ -363,13 +363,6 @@ def valid_region(matrices: torch.Tensor, shape: tuple[int, int]) -> tuple[slice,
 # ------------------------------------------------------------------------ translations
 
 
-def is_translation(matrices: torch.Tensor) -> bool:
-    """Whether every matrix only translates (the TRANSLATION model): `shift_images` then does the warp."""
-    m = torch.as_tensor(matrices)
-    eye = torch.eye(2, dtype=m.dtype, device=m.device)
-    return bool((m[:, :2, :2] == eye).all())  # sync: once per stack, on the host copy of the matrices
-
-
 def shift_images(images: torch.Tensor, shifts: torch.Tensor, *, mode: str = "constant", order: int = 1,
                  fill: float = float("nan"), gather: bool = False) -> torch.Tensor:
     """`warp_affine` for pure translations, out[y, x] = in(x + dx, y + dy), shifts (b, 2) = (dx, dy): each output

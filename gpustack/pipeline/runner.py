@@ -230,8 +230,10 @@ def run(prepared: Prepared, *, device_choice: Any, overwrite: bool = False, show
         for j in range(i + 1, len(steps)):
             if steps[j].depends_on == steps[i].name:
                 derived: dict[int, Any] = {}  # channels sharing one upstream state share the derived one
-                states[j] = {c: derived[id(s)] if id(s) in derived else derived.setdefault(id(s), derive(j, s))
-                             for c, s in state_by_channel.items()}
+                for s in state_by_channel.values():
+                    if id(s) not in derived:
+                        derived[id(s)] = derive(j, s)
+                states[j] = {c: derived[id(s)] for c, s in state_by_channel.items()}
         _reshape(prepared, i + 1)
 
     for j in range(start, len(steps)):  # results of steps done before this run, read back from their folders

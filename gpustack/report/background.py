@@ -77,17 +77,21 @@ def _plot_coefs(path: Path, coefs: np.ndarray, powers) -> None:
 
 
 def _thumbnail_backgrounds(step: BkgRemoval, coefs: np.ndarray, n: int, shape: tuple[int, int]) -> np.ndarray:
-    """Each slice's fitted background on a grid of about THUMBNAIL px (same unit coordinates, fewer points)."""
+    """Each slice's fitted background on a grid of about THUMBNAIL px (same unit coordinates, fewer points),
+    evaluated by the step's own kernel, on the CPU."""
+    import torch
+
+    from gpustack.kernels import polynomial
+
     height, width = shape
     f = THUMBNAIL / max(height, width)
     h, w = max(2, round(height * f)), max(2, round(width * f))
-    ys, xs = np.linspace(0, 1, h), np.linspace(0, 1, w)
-    zs = np.arange(n) / max(1, n - 1)
-    out = np.zeros((n, h, w))
-    for k, p in enumerate(step.powers):
-        zfactor = zs ** p[2] if step.dim == 3 else 1.0
-        out += (np.asarray(coefs[:, k]) * zfactor)[:, None, None] * np.outer(ys ** p[1], xs ** p[0])[None]
-    return out
+    c = torch.from_numpy(np.ascontiguousarray(coefs, dtype=np.float64))
+    if step.dim == 3:  # one polynomial for the stack (coefs holds it once per slice), taken at each slice's z
+        grid = polynomial.slice_coefficients(step.powers, c[0], torch.arange(n, dtype=torch.float64) / max(1, n - 1))
+    else:
+        grid = polynomial.slice_coefficients(step.powers, c)
+    return polynomial.evaluate(grid, h, w, torch.float64).numpy()
 
 
 def _write_thumbnails(folder: Path, step: BkgRemoval, coefs: np.ndarray, names: list[str],

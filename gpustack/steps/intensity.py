@@ -87,6 +87,9 @@ class IntensityRescaling(Step):
         edges = torch.linspace(0.0, 1.0, self.config.nbins + 1, dtype=torch.float64, device=cdf.device)
         edges = gmin + (gmax - gmin) * edges
         orig = cdf_at(edges, lo, hi, cdf)  # (n, nbins + 1) each slice's CDF on the common bins
+        levels = torch.linspace(0, 1, self.config.nbins + 1, dtype=torch.float64, device=cdf.device)  # quantiles
+        fine_edges = lo[:, None] + (hi - lo)[:, None] * torch.linspace(0, 1, fine + 1, dtype=torch.float64,
+                                                                        device=cdf.device)
         size = self.config.filter_size
         if self.config.reference == "mean":  # the mixture of the slices' distributions, as PyStack3D
             if size == -1:
@@ -96,20 +99,14 @@ class IntensityRescaling(Step):
                 ref, weight = running_mean(orig, active, size)
                 ref = torch.where((weight > 0)[:, None], ref, orig)
         else:  # quantile by quantile, the median slice: odd slices do not pull the reference
-            levels = torch.linspace(0, 1, self.config.nbins + 1, dtype=torch.float64, device=cdf.device)
-            fine_edges = lo[:, None] + (hi - lo)[:, None] * torch.linspace(0, 1, fine + 1, dtype=torch.float64,
-                                                                            device=cdf.device)
             quantiles = interp(levels.expand(n, -1), cdf, fine_edges)  # (n, nbins + 1)
             quantiles = torch.where(active[:, None], quantiles, float("nan"))
             ref_q = running_median(quantiles, size)
             ref_q = torch.where(torch.isfinite(ref_q), ref_q, quantiles)
             ref = interp(edges.expand(n, -1), ref_q, levels.expand(n, -1), side="right")
         # Each slice's map at its own fine bin edges: level v with CDF p goes to the reference's quantile p.
-        fine_edges = lo[:, None] + (hi - lo)[:, None] * torch.linspace(0, 1, fine + 1, dtype=torch.float64,
-                                                                        device=cdf.device)
         lut = interp(cdf, ref, edges.expand(n, -1))
         if self.config.mapping == "linear":  # gain and offset: the least-squares line through the Q-Q plot
-            levels = torch.linspace(0, 1, self.config.nbins + 1, dtype=torch.float64, device=cdf.device)
             inner = (levels >= LINEAR_QUANTILES[0]) & (levels <= LINEAR_QUANTILES[1])
             own = interp(levels[inner].expand(n, -1), cdf, fine_edges)
             if self.config.reference == "median":  # the reference's quantiles as they are, no round trip

@@ -116,13 +116,9 @@ class RegistrationCalculation(Step):
         if self.config.uses_pystackreg:
             mats, quality = _pystackreg_pairs(ref, mov, self.config.transformation)
         else:
-            from gpustack.kernels.phase_correlation import estimate_shifts
-
-            # Plain (not whitened, not windowed) cross-correlation: on slices whose structures change from one
-            # to the next it is as accurate as pystackreg, where phase correlation is thrown off (measured).
             ref, mov = ref.flatten(0, 1), mov.flatten(0, 1)
-            shift, quality = estimate_shifts(_padded(ref), _padded(mov), upsample=self.config.upsample,
-                                             window=False, normalise=False)
+            refine = self.config.refine if self.config.transformation == "TRANSLATION" else 0
+            shift, quality = measure_translations(ref, mov, upsample=self.config.upsample, refine=refine)
             if self.config.transformation != "TRANSLATION":
                 from gpustack.kernels.affine_lk import estimate_affine
 
@@ -130,10 +126,6 @@ class RegistrationCalculation(Step):
                 quality = torch.where(quality >= LOW_QUALITY, _aligned_correlation(ref, mov, mats), quality)
                 mats = mats.reshape(len(pairs), blocks, 3, 3)
             else:
-                if self.config.refine:
-                    from gpustack.kernels.lucas_kanade import refine_translations
-
-                    shift = refine_translations(ref, mov, shift, iterations=self.config.refine)
                 mats = _translation(shift.reshape(len(pairs), blocks, 2))
             quality = quality.reshape(len(pairs), blocks)
         return {"k": [batch.start + r for r, _ in pairs], "d": [r - j for r, j in pairs], "mats": mats,
@@ -214,6 +206,21 @@ def _to_full_frame(mats: np.ndarray, origins: np.ndarray) -> np.ndarray:
     back = shift.copy()
     back[:, :2, 2] = -origins
     return shift[None] @ mats @ back[None]
+
+
+def measure_translations(ref: "torch.Tensor", mov: "torch.Tensor", *, upsample: int = 20,
+                         refine: int = 0) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """(dx, dy) of mov relative to ref for pairs (b, H, W), and their quality. Plain (not whitened, not windowed)
+    cross-correlation: on slices whose structures change from one to the next it is as accurate as pystackreg,
+    where phase correlation is thrown off (measured); `refine` Lucas-Kanade iterations follow if asked."""
+    from gpustack.kernels.phase_correlation import estimate_shifts
+
+    shift, quality = estimate_shifts(_padded(ref), _padded(mov), upsample=upsample, window=False, normalise=False)
+    if refine:
+        from gpustack.kernels.lucas_kanade import refine_translations
+
+        shift = refine_translations(ref, mov, shift, iterations=refine)
+    return shift, quality
 
 
 def _aligned_correlation(ref: "torch.Tensor", mov: "torch.Tensor", mats: "torch.Tensor") -> "torch.Tensor":
