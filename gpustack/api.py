@@ -198,3 +198,72 @@ def warp_stack(stack: Any, matrices: Any, *, mode: str = "constant", order: int 
     out = torch.cat([warp_affine(t[s:s + batch_size], m[s:s + batch_size], mode=mode, order=order)
                      for s in range(0, t.shape[0], batch_size)])
     return back(out)
+
+
+def _filters_table(filters: Sequence[Any]) -> list[dict]:
+    from gpustack.kernels.vsnr import NoiseFilter
+
+    return [{"name": f.name, "noise_level": f.noise_level, **({"sigma": list(f.sigma), "theta": f.theta}
+                                                             if f.name == "Gabor" else {})}
+            if isinstance(f, NoiseFilter) else dict(f) for f in filters]
+
+
+def destripe_vsnr(stack: Any, filters: Sequence[Any], *, maxit: int = 100, cvg_threshold: float = 0.0,
+                  beta: float = 10.0, stripe_gate: bool = True, stripe_gate_range: Sequence[float] = (1.4, 2.0),
+                  warm_start: bool = False, engine: str = "gpustack", device: str | None = None,
+                  batch_size: int = 8) -> tuple[Any, dict[str, Any]]:
+    """Remove curtains from a slice (H, W) or a stack (N, H, W) with VSNR; float32 result of the same kind.
+
+    `filters`: PyStack3D's tables, e.g. [{"name": "Gabor", "noise_level": 20, "sigma": [0.5, 200], "theta": 0}]
+    (or `NoiseFilter`s). Returns (destriped, info) with per-slice `stripe_ratio`, `weight` (the correction each
+    slice got; all ones with `stripe_gate=False`, which is pyvsnr's and PyStack3D's behaviour) and `iterations`.
+    """
+    from gpustack.steps.destriping import Destriping, DestripingConfig
+
+    config = _config(DestripingConfig, "destripe_vsnr", filters=_filters_table(filters), maxit=maxit,
+                     cvg_threshold=cvg_threshold, beta=beta, stripe_gate=stripe_gate,
+                     stripe_gate_range=list(stripe_gate_range), warm_start=warm_start, engine=engine)
+    out, _state, records, back = _run_step(Destriping(config), stack, device, batch_size)
+    return out, {k: back(v) for k, v in records.items() if k != "removed_rms"}
+
+
+def destripe_wavelet(stack: Any, *, wavelet: str = "coif3", level: int = 4, sigma: float = 4.0,
+                     angle: float = 0.0, stripe_gate: bool = True, stripe_gate_range: Sequence[float] = (1.4, 2.0),
+                     device: str | None = None, batch_size: int = 16) -> tuple[Any, dict[str, Any]]:
+    """Remove stripes at `angle` degrees from vertical from a slice or a stack with the wavelet-FFT filter
+    (Münch et al. 2009); the shape is kept exactly. Returns (destriped, info) as `destripe_vsnr`."""
+    from gpustack.steps.destriping import Destriping, DestripingConfig
+
+    config = _config(DestripingConfig, "destripe_wavelet",
+                     wavelet_decomposition={"wavelet": wavelet, "level": level, "sigma": sigma, "angle": angle},
+                     stripe_gate=stripe_gate, stripe_gate_range=list(stripe_gate_range))
+    out, _state, records, back = _run_step(Destriping(config), stack, device, batch_size)
+    return out, {k: back(v) for k, v in records.items() if k not in ("removed_rms", "iterations")}
+
+
+def resample_z(stack: Any, z_in: Sequence[float], z_out: Sequence[float] | None = None, *,
+               dz: float | None = None, device: str | None = None) -> tuple[Any, Any]:
+    """Planes of a stack (N, H, W) at `z_out` (or every `dz` from the first z to the last, the last included)
+    by linear interpolation between the slices at `z_in` (strictly increasing). Returns (planes, z_out); planes
+    are float32, of the same kind of array as the input. Output z outside [z_in[0], z_in[-1]] are dropped."""
+    import numpy as np
+    import torch
+
+    from gpustack.arrays import to_torch
+    from gpustack.io.tiff import SliceInfo
+    from gpustack.steps.resampling import Resampling, ResamplingConfig
+
+    t, back = to_torch(stack, device)
+    if t.ndim != 3 or len(z_in) != t.shape[0]:
+        raise ValueError(f"expected a stack (N, H, W) and N input z, got shape {tuple(t.shape)} and {len(z_in)} z")
+    config = _config(ResamplingConfig, "resample_z", dz=dz, zpos_out=list(z_out) if z_out is not None else None,
+                     zpos_in=[float(z) for z in z_in], z_source="list")
+    fake = [SliceInfo(None, 0, f"{k}.tif", None, False, 1, (), 0, 0, tuple(t.shape[1:]), np.dtype("float32"))
+            for k in range(t.shape[0])]
+    plan = Resampling(config).plan(fake)
+    t = t.to(torch.float32)
+    w = torch.as_tensor(plan.weight, dtype=torch.float32, device=t.device)[:, None, None]
+    lower = torch.as_tensor(plan.lower, device=t.device)
+    upper = torch.as_tensor(plan.upper, device=t.device)
+    planes = torch.lerp(t[lower], t[upper], w)
+    return back(planes), back(torch.as_tensor(plan.z_out))

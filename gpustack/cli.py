@@ -121,7 +121,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             print(f"  cuda:{i}: {p.name}, {p.total_memory / 2**30:.1f} GiB, compute {p.major}.{p.minor}")
     choice = resolve_device("auto")
     print(f"auto device: {choice.description} ({choice.reason})")
-    print("steps: " + ", ".join(f"{s}{'' if s in REGISTRY else ' (not yet)'}" for s in PYSTACK3D_STEPS))
+    print("steps: " + ", ".join(s for s in PYSTACK3D_STEPS if s in REGISTRY))
     return 0
 
 

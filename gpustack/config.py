@@ -160,10 +160,7 @@ def read_toml(path: Path) -> dict[str, Any]:
 
 
 def build_step(name: str, table: dict[str, Any], *, file: str | None) -> StepSpec:
-    cls = REGISTRY.get(name)
-    if cls is None:
-        raise ConfigError(f"step {name!r} is a PyStack3D step that this version of gpustack does not provide yet "
-                          f"(available: {', '.join(REGISTRY)})", file=file, table=name)
+    cls = REGISTRY[name]  # names were checked against PyStack3D's steps, which gpustack all provides
     if not isinstance(table, dict):
         raise ConfigError(f"expected a table [{name}], got {table!r}", file=file, key=name)
     return StepSpec(name, schema.build(cls.Config, table, file=file, name=name))
@@ -254,10 +251,7 @@ def workflow_from_dict(data: dict[str, Any], *, file: Path | None = None, base_d
     # Every table is validated, run or not: a typo should not wait until the day the step is switched on.
     step_specs = {}
     for name, table in tables.items():
-        if name in REGISTRY:
-            step_specs[name] = build_step(name, table, file=where)
-        elif name not in run:
-            notes.append(f"[{name}] is not provided by this version of gpustack; ignored because it does not run")
+        step_specs[name] = build_step(name, table, file=where)
     specs = tuple(step_specs.get(name) or build_step(name, {}, file=where) for name in run)
     return Workflow(params_file=file, project_dir=project_dir, output_dir=output_dir, steps=specs,
                     history=tuple(history), warnings=tuple(notes), **values)

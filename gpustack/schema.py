@@ -152,6 +152,8 @@ def to_jsonable(config: Any) -> dict[str, Any]:
     """A config as plain JSON values (for fingerprints and the manifest)."""
 
     def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return plain(dataclasses.asdict(v))
         if isinstance(v, tuple):
             return [plain(x) for x in v]
         if isinstance(v, dict):

@@ -5,8 +5,20 @@ from __future__ import annotations
 from typing import Any
 
 from gpustack.area import Area
+from gpustack.kernels.vsnr import NoiseFilter
 from gpustack.schema import describe
 from gpustack.steps import PYSTACK3D_STEPS, REGISTRY
+
+# Values the template shows where the step's default is "unset" or differs from PyStack3D's own template:
+# destriping with PyStack3D's FIB-SEM filter set (assets/toml/params_real_perf_stack.toml).
+EXAMPLES: dict[str, dict[str, Any]] = {
+    "destriping": {
+        "filters": (NoiseFilter("Gabor", 30, (0.5, 80), 0), NoiseFilter("Gabor", 80, (0.5, 200), 0)),
+        "cvg_threshold": 1e-2,
+    },
+    "resampling": {"dz": 0.01},
+}
+COMMENTED_EXAMPLES = {("destriping", "wavelet_decomposition"): '{ wavelet = "coif3", level = 4, sigma = 4 }'}
 
 
 def toml_value(value: Any) -> str:
@@ -16,6 +28,9 @@ def toml_value(value: Any) -> str:
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
     if isinstance(value, str):
         return f'"{value}"'
+    if isinstance(value, NoiseFilter):
+        extra = f", sigma = {toml_value(value.sigma)}, theta = {value.theta:g}" if value.name == "Gabor" else ""
+        return f'{{ name = "{value.name}", noise_level = {value.noise_level:g}{extra} }}'
     return repr(value)
 
 
@@ -23,7 +38,7 @@ def render_template(*, channels: list[str] | None = None, steps: dict[str, dict[
                     process_steps: list[str] | None = None, header: str = "") -> str:
     """The template; `steps` overrides defaults per table (e.g. a cropping area read from metadata)."""
     steps = steps or {}
-    process_steps = process_steps or [name for name in PYSTACK3D_STEPS if name in REGISTRY]
+    process_steps = process_steps or list(PYSTACK3D_STEPS)
     lines = [
         "# gpustack / PyStack3D parameters. PyStack3D reads this file unchanged; gpustack never rewrites it",
         "# (its run state goes to process/gpustack.json).",
@@ -52,13 +67,11 @@ def render_template(*, channels: list[str] | None = None, steps: dict[str, dict[
     ]
     for name in PYSTACK3D_STEPS:
         lines.append("")
-        cls = REGISTRY.get(name)
-        if cls is None:
-            lines.append(f"# [{name}]  (PyStack3D step not yet provided by this gpustack version)")
-            continue
+        cls = REGISTRY[name]
         lines.append(f"[{name}]")
         for key, default, doc in describe(cls.Config):
-            value = steps.get(name, {}).get(key, default)
+            value = steps.get(name, {}).get(key, EXAMPLES.get(name, {}).get(key, default))
             lines.append(f"# {doc}")
-            lines.append(f"{key} = {toml_value(value)}" if value is not None else f"# {key} = ")
+            example = COMMENTED_EXAMPLES.get((name, key), "")
+            lines.append(f"{key} = {toml_value(value)}" if value is not None else f"# {key} = {example}")
     return "\n".join(lines) + "\n"

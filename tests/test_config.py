@@ -34,9 +34,18 @@ preserve_avg = true
 cvg_threshold = 1e-2
 filters = [{ name = "Gabor", noise_level = 20, sigma = [0.5, 200], theta = 0 }]
 
+[resampling]
+policy = "slice_{slice_nb}_z={z_coord}um.tif"
+dz = 0.01
+
 [cropping_final]
 area = [0, 99999, 0, 99999]
 """
+
+
+PYSTACK3D_TEMPLATE_STEPS = ["cropping", "bkg_removal", "intensity_rescaling", "intensity_rescaling_area",
+                            "registration_calculation", "registration_transformation", "destriping", "resampling",
+                            "cropping_final"]
 
 
 def test_pystack3d_template_is_read_unchanged(tmp_path):
@@ -46,10 +55,12 @@ def test_pystack3d_template_is_read_unchanged(tmp_path):
     assert wf.project_dir == tmp_path and wf.channels == (".",) and wf.nproc == 1
     assert wf.step_names == ("cropping",)
     assert wf.steps[0].config.area == Area(0, 99999, 0, 99999)
-    # steps this version does not have yet are named, not silently dropped
-    assert any("destriping" in note for note in wf.warnings)
-    with pytest.raises(ConfigError, match=r"\[destriping\].*does not provide yet"):
-        load_workflow(path)
+    # every step of the template runs, with the template's own values
+    wf = load_workflow(path)
+    assert wf.step_names == tuple(PYSTACK3D_TEMPLATE_STEPS)
+    destriping, resampling = wf.steps[6].config, wf.steps[7].config
+    assert destriping.filters[0].sigma == (0.5, 200.0) and destriping.cvg_threshold == 1e-2
+    assert resampling.dz == 0.01 and resampling.policy == "slice_{slice_nb}_z={z_coord}um.tif"
     # the template's own values for the steps gpustack has are accepted as they are
     wf = load_workflow(path, steps=["cropping", "bkg_removal", "intensity_rescaling", "intensity_rescaling_area"])
     bkg = wf.steps[1].config

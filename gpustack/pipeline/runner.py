@@ -39,6 +39,8 @@ class Prepared:
     steps: list[Step]
     shapes: list[tuple[int, int]]  # slice shape before each step, then after the last
     notes: list[str] = field(default_factory=list)
+    names: list[list[str]] = field(default_factory=list)  # slice names before each step, then after the last
+    plans: dict[int, Any] = field(default_factory=dict)  # step index -> plan of a step that reindexes
 
 
 def _history_input(workflow: Workflow) -> str | None:
@@ -77,6 +79,7 @@ def prepare(workflow: Workflow) -> Prepared:
         except ParamError as exc:
             raise ConfigError(str(exc), file=str(workflow.params_file) if workflow.params_file else None,
                               table=step.name, key=exc.key) from None
+    slice_names, plans = _plan_reindexing(workflow, steps, list(first.slices))
     names = [s.name for s in steps]
     for j, step in enumerate(steps):  # a step that needs another's result: earlier in this run, or saved before
         dep = step.depends_on
@@ -84,7 +87,28 @@ def prepare(workflow: Workflow) -> Prepared:
             raise InputError(f"{step.name} needs the result of {dep}, which is neither earlier in process_steps "
                              f"nor saved in {workflow.process_dir / dep}: run {dep} first (or put it before "
                              f"{step.name} in process_steps)")
-    return Prepared(workflow, sources, label, steps, shapes, notes)
+    for plan in plans.values():
+        notes += plan.notes
+    return Prepared(workflow, sources, label, steps, shapes, notes, slice_names, plans)
+
+
+def _plan_reindexing(workflow: Workflow, steps: list[Step], slices: list) -> tuple[list[list[str]], dict[int, Any]]:
+    """Slice names before each step and after the last, and the plans of the steps that change the slices
+    (resampling), made from the first channel's names and tags before anything is read."""
+    import dataclasses
+
+    names, plans = [[s.name for s in slices]], {}
+    for i, step in enumerate(steps):
+        if step.reindexes:
+            try:
+                plan = step.plan(slices)
+            except ParamError as exc:
+                raise ConfigError(str(exc), file=str(workflow.params_file) if workflow.params_file else None,
+                                  table=step.name, key=exc.key) from None
+            plans[i] = plan
+            slices = [dataclasses.replace(slices[int(k)], name=name) for k, name in zip(plan.upper, plan.names)]
+        names.append([s.name for s in slices])
+    return names, plans
 
 
 def _reshape(prepared: Prepared, first: int) -> None:
@@ -106,6 +130,7 @@ class _Pass:
     stop: int  # one past the last step applied
     fit: int | None  # index of the step fitted on this pass's output
     source_step: int | None  # index of the step whose written output this pass reads; None: the prepared input
+    reindex: bool = False  # the pass of one step that changes the slices (resampling)
 
 
 @dataclass
@@ -123,12 +148,20 @@ def _plan(steps: list[Step], start: int, source_step: int | None) -> list[_Pass]
     """Cut the steps into passes: a step with a statistics pass closes the pass before it and opens the next."""
     passes, first = [], start
     for i in range(start, len(steps)):
+        if steps[i].reindexes:  # a pass of its own: before it, the steps so far; after it, the rest
+            if first < i:
+                passes.append(_Pass(first, i, None, source_step))
+                source_step = next((j for j in range(i - 1, first - 1, -1) if steps[j].writes_slices), source_step)
+            passes.append(_Pass(i, i + 1, None, source_step, reindex=True))
+            source_step, first = i, i + 1
+            continue
         if steps[i].has_fit:
             passes.append(_Pass(first, i, i, source_step))
             # The next pass reads what this one wrote last (or this one's own input if it wrote nothing).
             source_step = next((j for j in range(i - 1, first - 1, -1) if steps[j].writes_slices), source_step)
             first = i
-    passes.append(_Pass(first, len(steps), None, source_step))
+    if first < len(steps):
+        passes.append(_Pass(first, len(steps), None, source_step))
     return passes
 
 
@@ -220,7 +253,7 @@ def run(prepared: Prepared, *, device_choice: Any, overwrite: bool = False, show
 
     def derive(j: int, upstream: Any) -> Any:
         try:
-            return steps[j].derive_state(upstream, n)
+            return steps[j].derive_state(upstream, len(prepared.names[j]))
         except ParamError as exc:  # the result does not fit this step's parameters (e.g. its nb_blocks)
             raise ConfigError(str(exc), file=str(wf.params_file) if wf.params_file else None,
                               table=steps[j].name, key=exc.key) from None
@@ -245,7 +278,7 @@ def run(prepared: Prepared, *, device_choice: Any, overwrite: bool = False, show
 
     def channel_report(i: int, channel: str, run_: StepRun) -> None:
         step = steps[i]
-        names = list(prepared.sources[channel].names)
+        names = list(prepared.names[i + 1] if step.reindexes else prepared.names[i])
         if not step.writes_slices:  # a result, no slices: one report at the step's root, no statistics
             if channel == channels[0]:
                 outputs = partials[i] / "outputs"
@@ -266,7 +299,7 @@ def run(prepared: Prepared, *, device_choice: Any, overwrite: bool = False, show
             report.result()
         _commit(partials[i], process / step.name)
         manifest.record_step(step.name, fingerprint=fps[i], params=to_jsonable(step.config), version=step.version,
-                             slices=n, channels=channels, pass_number=number,
+                             slices=len(prepared.names[i + 1]), channels=channels, pass_number=number,
                              fused_with=[steps[k].name for k in indices], pass_seconds=round(elapsed, 3),
                              slices_written=i in writes, device=str(device), shape_in=list(prepared.shapes[i]),
                              shape_out=list(prepared.shapes[i + 1]))
@@ -311,7 +344,16 @@ def run(prepared: Prepared, *, device_choice: Any, overwrite: bool = False, show
                     fit = None
                 spec = PassSpec(source, runs, fit, push_region=bool(runs) and runs[0].region is not None)
                 label = f"[{number}/{len(passes)}] {' + '.join(labels)}" + ("" if channel == "." else f" [{channel}]")
-                if not writes and fit is None:  # nothing to write or measure (a result step last): no reading
+                if plan.reindex:
+                    from gpustack.pipeline.reindex import run_reindex_pass
+
+                    r, step_plan = runs[0], prepared.plans[plan.first]
+                    r.state = step_plan
+                    with progress_bar(label, len(step_plan.names), enabled=show_progress, log=log) as advance:
+                        r.stats = run_reindex_pass(source, step_plan, r.out_dir, out_dtype, device=device,
+                                                   batch_size=batch, io_threads=min(8, (wf.nproc or 2) * 2),
+                                                   on_progress=advance)
+                elif not writes and fit is None:  # nothing to write or measure (a result step last): no reading
                     for r in runs:
                         r.stats = np.full((len(source), 9), np.nan, dtype=np.float32)
                 else:

@@ -73,6 +73,7 @@ class Step:
     writes_slices: ClassVar[bool] = True  # False for steps that only compute a state (registration_calculation)
     may_make_nan: ClassVar[bool] = False  # True if outputs can hold NaN (e.g. 'constant' warps): NaN-aware stats
     depends_on: ClassVar[str | None] = None  # a step whose result `apply` needs (registration_transformation)
+    reindexes: ClassVar[bool] = False  # changes the number of slices (resampling): `plan(slices)`, a pass of its own
 
     def __init__(self, config: Any):
         self.config = config

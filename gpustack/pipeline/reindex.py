@@ -1,0 +1,84 @@
+"""A pass that changes the number of slices (resampling): each output plane is made from the two input slices
+around it, read once each, kept on the device only while planes still need them, and written by writer threads
+while the next planes are computed."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gpustack.io.tiff import StackSource, read_slice, write_slice
+from gpustack.kernels.cast import to_storage
+from gpustack.kernels.stats import slice_stats
+from gpustack.pipeline.stream import N_STATS
+from gpustack.steps.resampling import ResamplePlan
+
+
+def _read(source: StackSource, k: int) -> np.ndarray:
+    out = np.empty(source.shape, source.dtype)
+    read_slice(source.slices[k], out)
+    return out
+
+
+def run_reindex_pass(source: StackSource, plan: ResamplePlan, out_dir: Path, out_dtype: torch.dtype, *,
+                     device: torch.device, batch_size: int, io_threads: int = 4,
+                     on_progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """Write the planes of `plan` into `out_dir`; returns their statistics (n_out, 9), input columns NaN."""
+    n_out = len(plan.z_out)
+    stats = np.full((n_out, N_STATS), np.nan, dtype=np.float32)
+    starts = list(range(0, n_out, batch_size))
+    readers = ThreadPoolExecutor(io_threads, thread_name_prefix="gpustack-read")
+    writers = ThreadPoolExecutor(io_threads, thread_name_prefix="gpustack-write")
+    pending: dict[int, Future] = {}  # input slice -> its read
+    cache: dict[int, torch.Tensor] = {}  # input slice -> float32 on the device
+    writes: deque[Future] = deque()
+
+    def needed(b: int) -> range:
+        j0, j1 = starts[b], min(n_out, starts[b] + batch_size)
+        return range(int(plan.lower[j0]), int(plan.upper[j1 - 1]) + 1)
+
+    def prefetch(b: int) -> None:
+        if b < len(starts):
+            for k in needed(b):
+                if k not in cache and k not in pending:
+                    pending[k] = readers.submit(_read, source, k)
+
+    try:
+        prefetch(0)
+        for b, j0 in enumerate(starts):
+            j1 = min(n_out, j0 + batch_size)
+            for k in needed(b):
+                if k not in cache:
+                    cache[k] = torch.from_numpy(pending.pop(k).result()).to(device).to(torch.float32)
+            prefetch(b + 1)  # the next planes' slices are read while these are computed and written
+            lower, upper = plan.lower[j0:j1], plan.upper[j0:j1]
+            a = torch.stack([cache[int(k)] for k in lower])
+            c = torch.stack([cache[int(k)] for k in upper])
+            w = torch.as_tensor(plan.weight[j0:j1], dtype=torch.float32, device=device)[:, None, None]
+            planes = torch.lerp(a, c, w)
+            stored = to_storage(planes, out_dtype)
+            both = torch.cat([slice_stats(planes, nan_aware=False), slice_stats(stored, nan_aware=False)], dim=1)
+            host = stored.to(out_dtype).cpu().numpy()  # sync: to the writer threads
+            stats[j0:j1, 3:] = both.cpu().numpy()
+            for j in range(j0, j1):
+                info = source.slices[int(plan.upper[j])]  # the tags of the slice above, as PyStack3D copies them
+                writes.append(writers.submit(write_slice, out_dir / plan.names[j], host[j - j0], info))
+            while len(writes) > 2 * batch_size:
+                writes.popleft().result()
+            for k in [k for k in cache if k < int(plan.lower[min(j1, n_out - 1)])]:
+                del cache[k]
+            if on_progress:
+                on_progress(j1 - j0)
+        while writes:
+            writes.popleft().result()
+    finally:
+        for f in [*pending.values(), *writes]:
+            f.cancel()
+        readers.shutdown(wait=True, cancel_futures=True)
+        writers.shutdown(wait=True, cancel_futures=True)
+    return stats
