@@ -64,9 +64,17 @@ def test_convergence_stops_where_pyvsnr_stops(device, threshold):
     assert np.abs(img - res.stripes[0].cpu().numpy() - ref).max() <= PARITY_RTOL * img.max()
 
 
-def test_each_slice_converges_on_its_own(device):
+@pytest.mark.parametrize("batched", [True, False])
+def test_each_slice_converges_on_its_own(device, batched):
+    # `batched`: the whole batch in one iteration loop (the GPU's way; the CPU runs slices one by one)
+    from gpustack.kernels.vsnr import _solve as solve_batch
+
     easy, hard = striped(seed=1, amplitude=5.0), striped(seed=2, amplitude=400.0)
-    both = _solve(np.stack([easy, hard]), FILTERS, device, maxit=400, cvg_threshold=1e-3)
+    if batched:
+        op = VsnrOperator(easy.shape, FILTERS, device)
+        both = solve_batch(op, torch.as_tensor(np.stack([easy, hard]), device=device), 400, 1e-3, None)
+    else:
+        both = _solve(np.stack([easy, hard]), FILTERS, device, maxit=400, cvg_threshold=1e-3)
     alone = [_solve(img, FILTERS, device, maxit=400, cvg_threshold=1e-3) for img in (easy, hard)]
     its = both.iterations.tolist()
     assert its == [int(a.iterations[0]) for a in alone]
