@@ -1,4 +1,4 @@
-"""`gpustack run | validate | init | info | demo`.
+"""`gpustack run | validate | init | export | info | demo`.
 
 Startup stays light: `--help`, `validate` and `init` never import torch. User mistakes end with one message on
 stderr and a non-zero exit status; a traceback means a bug in gpustack.
@@ -91,6 +91,12 @@ def cmd_init(args: argparse.Namespace) -> int:
     folder = Path(args.dir)
     if not folder.is_dir():
         raise ConfigError(f"no such folder: {folder}")
+    if args.from_atlas:
+        from gpustack.io.metadata import init_from_atlas
+
+        target = init_from_atlas(folder, force=args.force)
+        _log(f"wrote {target} from the Atlas 3D metadata; check it, then: gpustack validate {target}")
+        return 0
     target = folder / "params.toml"
     if target.exists() and not args.force:
         raise ConfigError(f"{target} exists; pass --force to replace it")
@@ -99,6 +105,37 @@ def cmd_init(args: argparse.Namespace) -> int:
     tmp.write_text(render_template(channels=channels))
     tmp.replace(target)
     _log(f"wrote {target}; edit it, then: gpustack validate {target}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from gpustack.config import load_workflow
+    from gpustack.io.export import export_step
+
+    wf = load_workflow(args.params)
+    names = list(wf.step_names)
+    step = args.step or next((s for s in reversed(names) if s != "registration_calculation"), None)
+    if step == "input":
+        step = None
+    elif step not in names and not (wf.process_dir / step).is_dir():
+        raise ConfigError(f"{step!r} is not a step of this workflow ({', '.join(names)}) nor in {wf.process_dir}",
+                          key="--step")
+    z_spacing = args.z_spacing
+    if z_spacing is None and step is not None and "resampling" in names and step in names \
+            and names.index(step) >= names.index("resampling"):
+        z_spacing = next(s.config.dz for s in wf.steps if s.name == "resampling")
+    pixel_size = args.pixel_size
+    if pixel_size is None and (wf.project_dir / "Atlas3D.a3d-setup").exists():
+        from gpustack.io.metadata import read_atlas_setup
+
+        pixel_size = read_atlas_setup(wf.project_dir / "Atlas3D.a3d-setup")["pixel_size_um"]
+    out_dir = Path(args.out) if args.out else wf.process_dir / "export"
+    written = export_step(wf.project_dir, step, out_dir, list(wf.channels), process_dir=wf.process_dir,
+                          pixel_size=pixel_size, z_spacing=z_spacing, overwrite=args.overwrite,
+                          compression=args.compression)
+    for path in written:
+        _log(f"wrote {path} (pixel {pixel_size or 'uncalibrated'}{' um' if pixel_size else ''}, z spacing "
+             f"{z_spacing if z_spacing is not None else 'unknown'}{' um' if z_spacing else ''})")
     return 0
 
 
@@ -154,11 +191,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser("init", help="write a commented params.toml template into a folder")
+    p = sub.add_parser("init", help="write a commented params.toml into a folder (a template, or from metadata)")
     p.add_argument("dir")
     p.add_argument("--channels", help="comma-separated channel folders, e.g. SE2,ESB")
     p.add_argument("--force", action="store_true", help="replace an existing params.toml")
+    p.add_argument("--from-atlas", action="store_true",
+                   help="read channels, cropping area and slice interval from a Zeiss Atlas 3D run folder "
+                        "(Atlas3D.a3d-setup and the slices' Fibics metadata)")
     p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("export", help="a step's output (or the input) as one BigTIFF per channel for Fiji/napari")
+    p.add_argument("params", help="the workflow's params.toml")
+    p.add_argument("--step", help="step to export, or 'input' (default: the last step of process_steps)")
+    p.add_argument("--out", help="folder for the BigTIFFs (default: process/export)")
+    p.add_argument("--pixel-size", type=float, help="um per pixel (default: from Atlas3D.a3d-setup if present)")
+    p.add_argument("--z-spacing", type=float, help="um between planes (default: resampling's dz after it)")
+    p.add_argument("--compression", choices=["zlib", "lzw", "zstd"], help="default: none")
+    p.add_argument("--overwrite", action="store_true", help="replace existing exports")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("info", help="versions and devices")
     p.set_defaults(func=cmd_info)

@@ -276,6 +276,20 @@ def run(prepared: Prepared, *, device_choice: Any, overwrite: bool = False, show
             states[j] = {c: state for c in channels}
             _reshape(prepared, j)
 
+    current_cache: dict[str, np.ndarray] = {}
+
+    def currents(channel: str, boundary: int) -> np.ndarray:
+        """Beam current of each slice at a step boundary: the input's, followed through any resampling."""
+        from gpustack.io.metadata import beam_currents
+
+        if channel not in current_cache:
+            current_cache[channel] = beam_currents(list(prepared.sources[channel].slices))
+        values = current_cache[channel]
+        for k, plan in sorted(prepared.plans.items()):
+            if k < boundary:
+                values = values[plan.upper]
+        return values
+
     def channel_report(i: int, channel: str, run_: StepRun) -> None:
         step = steps[i]
         names = list(prepared.names[i + 1] if step.reindexes else prepared.names[i])
@@ -288,7 +302,8 @@ def run(prepared: Prepared, *, device_choice: Any, overwrite: bool = False, show
                                          prepared.shapes[i + 1], run_.records, lambda m: log(f"{prefix}: {m}")))
             return
         outputs = (partials[i] if channel == "." else partials[i] / channel) / "outputs"
-        write_stats(outputs, run_.stats, names, step.name + ("" if channel == "." else f" - {channel}"))
+        write_stats(outputs, run_.stats, names, step.name + ("" if channel == "." else f" - {channel}"),
+                    beam_current=currents(channel, i + 1 if step.reindexes else i))
         prefix = step.name + ("" if channel == "." else f" [{channel}]")
         step.write_report(Report(outputs, run_.state, run_.stats, names, prepared.shapes[i], prepared.shapes[i + 1],
                                  run_.records, lambda message: log(f"{prefix}: {message}")))

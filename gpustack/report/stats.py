@@ -18,13 +18,17 @@ from gpustack.report.plotting import new_figure, save
 COLUMNS = [f"{stage}_{what}" for stage in ("input", "output", "written") for what in ("min", "max", "mean")]
 
 
-def write_stats(outputs_dir: Path, stats: np.ndarray, names: list[str], title: str) -> None:
+def write_stats(outputs_dir: Path, stats: np.ndarray, names: list[str], title: str,
+                beam_current: np.ndarray | None = None) -> None:
+    """`beam_current`: per-slice beam current from the acquisition metadata (Fibics 'Ext I'), an extra column
+    when any slice has one (intensity drifts often follow it)."""
     outputs_dir.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["index", "name", *COLUMNS])
+    current = beam_current is not None and bool(np.isfinite(beam_current).any())
+    writer.writerow(["index", "name", *COLUMNS, *(["beam_current"] if current else [])])
     for i, (name, row) in enumerate(zip(names, stats)):
-        writer.writerow([i, name, *(f"{v:.6g}" for v in row)])
+        writer.writerow([i, name, *(f"{v:.6g}" for v in row), *([f"{beam_current[i]:.6g}"] if current else [])])
     (outputs_dir / "stats.csv").write_text(buf.getvalue())
     np.save(outputs_dir / "stats.npy", stats.reshape(len(stats), 3, 3))
     plot_stats(outputs_dir / "stats.png", stats, title)

@@ -1,0 +1,96 @@
+"""gpustack export: one BigTIFF per channel, the exact slices, ImageJ calibration, private tags, atomic."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+
+from conftest import write_params, write_stack
+from gpustack.cli import main
+from gpustack.errors import ConfigError, InputError
+from gpustack.io import export as export_mod
+from gpustack.io.export import export_stack, export_step
+from gpustack.io.tiff import open_channel
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "float32"])
+def test_round_trip_with_calibration_and_tags(tmp_path, dtype):
+    data = write_stack(tmp_path / "in", n=5, dtype=dtype)
+    source, _ = open_channel(tmp_path / "in", ".")
+    out = export_stack(source, tmp_path / "out" / "stack.tif", pixel_size=0.005, z_spacing=0.01)
+    with tifffile.TiffFile(out) as tif:
+        assert tif.is_bigtiff and len(tif.pages) == 5
+        assert np.array_equal(np.stack([p.asarray() for p in tif.pages]), data)
+        ij = tif.imagej_metadata
+        assert ij["unit"] == "micron" and ij["spacing"] == 0.01 and ij["slices"] == 5
+        x_res = tif.pages[0].tags["XResolution"].value
+        assert x_res[0] / x_res[1] == pytest.approx(200.0)
+        for k, page in enumerate(tif.pages):
+            assert f"{k * 0.01:.4f}" in page.tags[51023].value
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["stack.tif"]
+
+
+def test_uncalibrated_export_says_pixel(tmp_path):
+    write_stack(tmp_path / "in", n=2)
+    source, _ = open_channel(tmp_path / "in", ".")
+    out = export_stack(source, tmp_path / "s.tif", keep_private_tags=False)
+    with tifffile.TiffFile(out) as tif:
+        assert tif.imagej_metadata["unit"] == "pixel" and "spacing" not in tif.imagej_metadata
+        assert 51023 not in tif.pages[0].tags
+
+
+def test_failure_mid_write_leaves_nothing(tmp_path, monkeypatch):
+    write_stack(tmp_path / "in", n=5)
+    source, _ = open_channel(tmp_path / "in", ".")
+    real = export_mod.read_slice
+    calls = []
+
+    def broken(info, out, rows=None):
+        calls.append(info)
+        if len(calls) == 3:
+            raise InputError(f"{info.path}: truncated")
+        real(info, out, rows)
+
+    monkeypatch.setattr(export_mod, "read_slice", broken)
+    with pytest.raises(InputError, match="truncated"):
+        export_stack(source, tmp_path / "out" / "s.tif")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_refuses_to_overwrite_or_to_write_onto_an_input(tmp_path):
+    write_stack(tmp_path / "in", n=2)
+    source, _ = open_channel(tmp_path / "in", ".")
+    export_stack(source, tmp_path / "s.tif")
+    with pytest.raises(ConfigError, match="--overwrite"):
+        export_stack(source, tmp_path / "s.tif")
+    export_stack(source, tmp_path / "s.tif", overwrite=True)
+    with pytest.raises(InputError, match="input files"):
+        export_stack(source, source.slices[0].path, overwrite=True)
+
+
+def test_export_step_per_channel_and_missing_step(tmp_path):
+    for c in ("SE2", "ESB"):
+        write_stack(tmp_path / "process" / "cropping" / c, n=3)
+    paths = export_step(tmp_path, "cropping", tmp_path / "exp", ["SE2", "ESB"])
+    assert [p.name for p in paths] == ["cropping_SE2.tif", "cropping_ESB.tif"]
+    with pytest.raises(InputError, match="steps there: cropping"):
+        export_step(tmp_path, "destriping", tmp_path / "exp", ["SE2"])
+
+
+def test_cli_exports_the_last_step_with_resampling_spacing(tmp_path, capsys):
+    zs = [0.0, 0.02, 0.04]
+    for k, z in enumerate(zs):
+        tifffile.imwrite(tmp_path / f"slice_{k:04d}_z={z:.4f}um.tif", np.full((8, 10), k, np.uint16))
+    params = write_params(tmp_path, 'process_steps = ["cropping", "resampling"]\n[cropping]\n'
+                                    '[resampling]\ndz = 0.01\n')
+    assert main(["run", str(params), "-q", "--device", "cpu"]) == 0
+    assert main(["export", str(params), "--pixel-size", "0.004"]) == 0
+    out = tmp_path / "process" / "export" / "resampling.tif"
+    with tifffile.TiffFile(out) as tif:
+        assert len(tif.pages) == 5 and tif.imagej_metadata["spacing"] == 0.01
+    assert main(["export", str(params), "--step", "input", "--out", str(tmp_path / "raw")]) == 0
+    assert len(tifffile.TiffFile(tmp_path / "raw" / "input.tif").pages) == 3
+    capsys.readouterr()
+    assert main(["export", str(params), "--step", "nope"]) == 2
+    assert "--step" in capsys.readouterr().err
