@@ -20,6 +20,8 @@ _LAZY = {
     "destripe_vsnr": "gpustack.api",
     "destripe_wavelet": "gpustack.api",
     "resample_z": "gpustack.api",
+    "read_atlas_metadata": "gpustack.api",
+    "slice_metadata": "gpustack.api",
     "resolve_device": "gpustack.device",
     "GpustackError": "gpustack.errors",
     "ConfigError": "gpustack.errors",

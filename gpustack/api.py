@@ -267,3 +267,22 @@ def resample_z(stack: Any, z_in: Sequence[float], z_out: Sequence[float] | None 
     upper = torch.as_tensor(plan.upper, device=t.device)
     planes = torch.lerp(t[lower], t[upper], w)
     return back(planes), back(torch.as_tensor(plan.z_out))
+
+
+def read_atlas_metadata(stack_dir: Any, *, margin: int = 20) -> dict[str, Any]:
+    """A Zeiss Atlas 3D run's metadata as a plain dictionary: channels, pixel size, field of view, slice
+    interval (from `Atlas3D.a3d-setup`), the first slice's image size and Fibics XML, and the cropping area
+    (bounding box + `margin` px, origin bottom-left). See also `gpustack init DIR --from-atlas`."""
+    from gpustack.io.metadata import params_from_atlas
+
+    return params_from_atlas(stack_dir, margin=margin)
+
+
+def slice_metadata(paths: Sequence[Any]) -> dict[str, Any]:
+    """Per-slice Fibics values of TIFF files: {'z_pos': (n,), 'beam_current': (n,)} NumPy arrays, NaN where a
+    slice has none."""
+    from pathlib import Path
+
+    from gpustack.io.metadata import slice_metadata as read
+
+    return read([Path(p) for p in paths])
