@@ -1,4 +1,4 @@
-"""`gpustack run | validate | init | export | info | demo`.
+"""`gpustack run | validate | init | export | bench | info | demo`.
 
 Startup stays light: `--help`, `validate` and `init` never import torch. User mistakes end with one message on
 stderr and a non-zero exit status; a traceback means a bug in gpustack.
@@ -48,8 +48,10 @@ def _describe(prepared) -> None:
     _log(f"project: {wf.project_dir}")
     _log(f"input: {prepared.input_label}, {len(wf.channels)} channel(s) {list(wf.channels)}, {len(first)} slices of "
          f"{first.shape[1]}x{first.shape[0]} {first.dtype}")
-    for step, shape_in, shape_out in zip(prepared.steps, prepared.shapes, prepared.shapes[1:]):
-        _log(f"  {step.name}: {shape_in[1]}x{shape_in[0]} -> {shape_out[1]}x{shape_out[0]}")
+    for k, (step, shape_in, shape_out) in enumerate(zip(prepared.steps, prepared.shapes, prepared.shapes[1:])):
+        n_in, n_out = len(prepared.names[k]), len(prepared.names[k + 1])
+        count = f" ({n_in} slices -> {n_out} planes)" if n_in != n_out or step.reindexes else ""
+        _log(f"  {step.name}: {shape_in[1]}x{shape_in[0]} -> {shape_out[1]}x{shape_out[0]}{count}")
     if wf.history:
         _log(f"history (done, skipped): {', '.join(wf.history)}")
     for note in prepared.notes:
@@ -139,6 +141,21 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_workflow.py"
+    if not script.exists():
+        raise ConfigError("gpustack bench runs benchmarks/bench_workflow.py of a source checkout "
+                          "(git clone, then pip install -e \".[bench]\"); this installation has none")
+    if importlib.util.find_spec("pystack3d") is None and "--no-pystack3d" not in args.options:
+        raise ConfigError("the benchmark compares against PyStack3D: pip install pystack3d (or pass --no-pystack3d)")
+    spec = importlib.util.spec_from_file_location("gpustack_bench_workflow", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(args.options)
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     import platform
 
@@ -209,6 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compression", choices=["zlib", "lzw", "zstd"], help="default: none")
     p.add_argument("--overwrite", action="store_true", help="replace existing exports")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("bench", help="the whole workflow against PyStack3D on a synthetic stack (benchmarks/)",
+                       add_help=False)
+    p.add_argument("options", nargs=argparse.REMAINDER, help="bench_workflow.py's options (--help for them)")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("info", help="versions and devices")
     p.set_defaults(func=cmd_info)

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     import torch
 
 RIDGE_HALF_WIDTH = 1.0  # frequency bins either side of the ridge line (the Hann window's main lobe)
+MAX_SIDE = 1024  # px: the meter looks at a central window of at most this side
 MIN_RING = 4  # off-ridge coefficients a radius needs for its mean power to be a reference
 FLOOR = 1e-7  # of the slice's mean spectral power (its mean squared dominates): far below any detector noise
 RIDGE_MIN = 3.0  # bins from the origin: below this the ridge holds the slice's mean and background, not stripes
@@ -60,7 +61,11 @@ class StripeMeter:
     def __init__(self, shape: tuple[int, int], stripes: NoiseFilter, device: torch.device):
         import torch
 
-        h, w = shape
+        # A central window at most MAX_SIDE wide: curtains run across the slice, so it holds them too, and the
+        # meter's cost stays small beside the correction's.
+        h, w = min(shape[0], MAX_SIDE), min(shape[1], MAX_SIDE)
+        self.window = (slice((shape[0] - h) // 2, (shape[0] - h) // 2 + h),
+                       slice((shape[1] - w) // 2, (shape[1] - w) // 2 + w))
         fy = torch.fft.fftfreq(h, device=device, dtype=torch.float64)[:, None]
         fx = torch.fft.rfftfreq(w, device=device, dtype=torch.float64)[None, :]
         th = math.radians(stripes.theta)
@@ -92,7 +97,7 @@ class StripeMeter:
         """(B,) ratios for slices (B, H, W); 1 for a constant slice."""
         import torch
 
-        power = _windowed_spectrum(u.to(torch.float32)).abs().square().flatten(1)
+        power = _windowed_spectrum(u[:, self.window[0], self.window[1]].to(torch.float32)).abs().square().flatten(1)
         radial = torch.zeros((power.shape[0], self.n_radii), dtype=torch.float32, device=u.device)
         radial.index_add_(1, self.radius_off, power[:, self.off])
         radial /= self.counts

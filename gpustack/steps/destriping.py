@@ -212,34 +212,45 @@ class Destriping(Step):
         else:
             weight = torch.ones(n, device=dev)
         iterations = torch.zeros(n, dtype=torch.int64, device=dev)
-        correction = torch.zeros_like(x)
         chosen = (weight > 0).nonzero().squeeze(1)  # sync: once per batch, to skip the slices without stripes
+        every = chosen.numel() == n
+        out = x
         if chosen.numel():
-            sub = x[chosen]
+            sub = x if every else x[chosen]
             if cfg.uses_wavelets:
                 from gpustack.kernels.wavelet import destripe_wavelet
 
                 w = cfg.wavelet_decomposition
-                correction[chosen] = destripe_wavelet(sub, w.wavelet, w.level, w.sigma, w.angle) - sub
+                corrected = destripe_wavelet(sub, w.wavelet, w.level, w.sigma, w.angle)
             elif cfg.uses_pyvsnr:
-                correction[chosen] = _pyvsnr(sub, cfg) - sub
+                corrected = _pyvsnr(sub, cfg)
                 iterations[chosen] = -1  # pyvsnr does not say how many it ran
             else:
-                correction[chosen], iterations[chosen] = self._vsnr(sub, shape, dev)
-        out = x + weight[:, None, None] * correction
+                stripes, iterations[chosen] = self._vsnr(sub, shape, dev, batch.n_total)
+                corrected = sub - stripes
+            # out = x + weight (corrected - x), only where there is something to correct
+            fixed = torch.lerp(sub, corrected, weight[chosen][:, None, None])
+            if every:
+                out = fixed
+            else:
+                out = x.clone()
+                out[chosen] = fixed
         removed = (out - x).square().mean(dim=(1, 2)).sqrt()
         return out, {"stripe_ratio": ratio, "weight": weight, "iterations": iterations, "removed_rms": removed}
 
-    def _vsnr(self, x: torch.Tensor, shape: tuple[int, int], dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        from gpustack.kernels.vsnr import VsnrOperator, solve
+    def _vsnr(self, x: torch.Tensor, shape: tuple[int, int], dev: torch.device,
+              n_total: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(stripe fields, iterations) of the slices x."""
+        from gpustack.kernels.vsnr import VsnrOperator, fuse_for_stack, solve
 
         cfg = self.config
-        op = self._cached(("vsnr", shape, dev), lambda: VsnrOperator(shape, list(cfg.filters), dev, beta=cfg.beta))
+        op = self._cached(("vsnr", shape, dev), lambda: VsnrOperator(
+            shape, list(cfg.filters), dev, beta=cfg.beta, fused=fuse_for_stack(shape, n_total)))
         result = solve(op, x, maxit=cfg.maxit, cvg_threshold=cfg.cvg_threshold,
                        warm=self._warm if cfg.warm_start else None)
         if cfg.warm_start:
             self._warm = result.warm
-        return -result.stripes, result.iterations
+        return result.stripes, result.iterations
 
     def write_report(self, report: Report) -> None:
         from gpustack.report.destriping import write_destriping_report
