@@ -30,6 +30,7 @@ from benchmarks.common import cached_stack, evict, machine, python, timed, updat
 from gpustack.area import Area
 from gpustack.synthetic import SyntheticSpec, SyntheticStack, parse_name
 
+MAX_OFFSET = 20  # px: how far a tool's final crop may sit from where it should be (see _placed)
 STEPS = ["cropping", "bkg_removal", "intensity_rescaling", "registration_calculation",
          "registration_transformation", "destriping", "resampling", "cropping_final"]
 FILTERS = ('[{ name = "Gabor", noise_level = 30, sigma = [0.5, 80], theta = 0 }, '
@@ -81,6 +82,22 @@ def params(stack: SyntheticStack, destriping: str, nproc: int) -> str:
 
 # ---- accuracy --------------------------------------------------------------------------------------------------
 
+def _placed(img: np.ndarray, full: np.ndarray, rows: slice, cols: slice) -> tuple[np.ndarray, np.ndarray, int]:
+    """img (a crop of the real region at rows, cols) and the truth under it. If the tool moved the crop (PyStack3D's
+    wavelet output grows odd-sized slices, and cropping_final measures rows from the bottom of the grown
+    slice), the row offset that fits best within +-MAX_OFFSET is found and used; returned as the third value."""
+    h, w = img.shape
+    best = (math.inf, 0)
+    for dy in range(-MAX_OFFSET, MAX_OFFSET + 1):
+        r0 = rows.start + dy
+        if r0 < 0 or r0 + h > full.shape[0]:
+            continue
+        err = float(np.mean((img - full[r0:r0 + h, cols.start:cols.start + w]) ** 2))
+        best = min(best, (err, dy))
+    dy = best[1]
+    return img, full[rows.start + dy:rows.start + dy + h, cols.start:cols.start + w], dy
+
+
 def accuracy(stack: SyntheticStack, folder: Path, final_area: list[int], sample: int) -> dict[str, float]:
     """RMSE, PSNR and mean SSIM of up to `sample` slices of a folder against the truth at each slice's z, on the
     region the folder holds (the real region, then cropping_final's)."""
@@ -90,25 +107,31 @@ def accuracy(stack: SyntheticStack, folder: Path, final_area: list[int], sample:
     if not files:
         return {}
     picks = files[:: max(1, len(files) // sample)][:sample]
-    got, truth = [], []
+    got, truth, offsets = [], [], []
     spec = stack.spec
     inner_h, inner_w = Area(*stack.area).shape(spec.height, spec.width)
+    final_rows, final_cols = Area(*final_area).rows_cols(inner_h, inner_w)
     for path in picks:
         img = tifffile.imread(path).astype(np.float32)
-        t = stack.truth(parse_name(path.name)[1])
+        full = stack.truth(parse_name(path.name)[1])
         if img.shape == (spec.height, spec.width):  # not cropped yet: compare the real region
-            img = stack.crop(img)
-        if img.shape != t.shape:
-            rows, cols = Area(*final_area).rows_cols(inner_h, inner_w)
-            t = t[rows, cols]
-        if img.shape != t.shape:
-            raise RuntimeError(f"{path}: shape {img.shape}, truth {t.shape}")
+            img, t = stack.crop(img), full
+        elif img.shape == full.shape:
+            t = full
+        elif img.shape[0] >= inner_h and img.shape[1] >= inner_w:  # grown by the tool: its top-left is the slice
+            img, t = img[:inner_h, :inner_w], full
+        else:  # cropping_final's region
+            img, t, dy = _placed(img, full, final_rows, final_cols)
+            offsets.append(dy)
         got.append(img)
         truth.append(t)
     g, t = np.stack(got), np.stack(truth)
     peak = float(t.max())
-    return {"rmse": float(np.mean(rmse(g, t))), "psnr": float(np.mean(psnr(g, t, peak))),
-            "ssim": float(np.mean(ssim(g, t, peak))), "slices": len(files)}
+    out = {"rmse": float(np.mean(rmse(g, t))), "psnr": float(np.mean(psnr(g, t, peak))),
+           "ssim": float(np.mean(ssim(g, t, peak))), "slices": len(files)}
+    if offsets:
+        out["row_offset"] = int(np.median(offsets))
+    return out
 
 
 # ---- runs ------------------------------------------------------------------------------------------------------
@@ -255,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
             lines.append(f"| final PSNR / SSIM against truth (input {acc_in['psnr']:.2f} dB / {acc_in['ssim']:.3f}) "
                          f"| {fin_g['psnr']:.2f} dB / {fin_g['ssim']:.3f} | {fin_p['psnr']:.2f} dB / "
                          f"{fin_p['ssim']:.3f} | {fin_g['psnr'] - fin_p['psnr']:+.2f} dB |")
+            lines.append(f"| final crop's row offset found (0: where it should be) | {fin_g.get('row_offset', 0)} | "
+                         f"{fin_p.get('row_offset', 0)} | |")
         lines += ["", "gpustack's passes (steps fused in one pass share its time):", ""]
         lines += ["| pass | steps | seconds | slices/s |", "|---:|---|---:|---:|"]
         for k, ps in enumerate(g["passes"], 1):

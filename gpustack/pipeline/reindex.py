@@ -18,6 +18,8 @@ from gpustack.kernels.stats import slice_stats
 from gpustack.pipeline.stream import N_STATS
 from gpustack.steps.resampling import ResamplePlan
 
+CPU_PLANES = 4
+
 
 def _read(source: StackSource, k: int) -> np.ndarray:
     out = np.empty(source.shape, source.dtype)
@@ -30,6 +32,8 @@ def run_reindex_pass(source: StackSource, plan: ResamplePlan, out_dir: Path, out
                      on_progress: Callable[[int], None] | None = None) -> np.ndarray:
     """Write the planes of `plan` into `out_dir`; returns their statistics (n_out, 9), input columns NaN."""
     n_out = len(plan.z_out)
+    if device.type == "cpu":  # a few planes at a time stay in the caches (measured: 16 at once is 2.6x slower)
+        batch_size = min(batch_size, CPU_PLANES)
     stats = np.full((n_out, N_STATS), np.nan, dtype=np.float32)
     starts = list(range(0, n_out, batch_size))
     readers = ThreadPoolExecutor(io_threads, thread_name_prefix="gpustack-read")
