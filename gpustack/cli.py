@@ -246,7 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # every option after `bench` belongs to the benchmark script
+        args = argparse.Namespace(options=argv[1:], func=cmd_bench)
+    else:
+        args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except GpustackError as exc:

@@ -88,8 +88,9 @@ def _difference_spectra(shape: tuple[int, int], dtype, device) -> torch.Tensor:
 class VsnrOperator:
     """Everything about VSNR that depends only on the slice shape and the filters, built once per stack.
 
-    `base` is the merged filter's spectrum for a slice of unit norm (psi^ of a slice = sqrt(|u0|_2) * base), and
-    `diff` the spectra of the two difference operators; both (.., H, W // 2 + 1) on the device, float32.
+    `base` is the merged filter's spectrum for a slice of unit norm (psi^ of a slice = sqrt(|u0|_2) * base) and
+    `diff_power` the summed power of the two difference operators' spectra; both (H, W // 2 + 1) on the device,
+    float32.
     """
 
     def __init__(self, shape: tuple[int, int], filters: list[NoiseFilter], device: torch.device, *,
@@ -113,8 +114,6 @@ class VsnrOperator:
             total += power * (f.noise_level / (math.sqrt(n) * n * n * peak))
         # pyvsnr carries psi through an unnormalised inverse FFT, which scales its spectrum by N.
         self.base = (n * total.sqrt()).to(torch.float32)
-        self.diff = diff.to(torch.complex64)
-        self.diff_conj = self.diff.conj()
         self.diff_power = (diff.abs() ** 2).sum(dim=0).to(torch.float32)
         self.work: dict = {}  # reusable buffers of `solve`
         self.fused = _fuse_by_default(self.shape) if fused is None else fused

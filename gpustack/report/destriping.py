@@ -36,13 +36,16 @@ def write_destriping_report(report: Report, config: DestripingConfig) -> None:
     k = np.arange(len(ratio))
     fig = new_figure(10, 6)
     top, bottom = fig.subplots(2, 1, sharex=True)
-    top.plot(k, ratio, ".-", lw=0.8, ms=3, label="stripe ratio (about 1 without stripes)")
     if gated:
+        top.plot(k, ratio, ".-", lw=0.8, ms=3, label="stripe ratio (about 1 without stripes)")
         top.axhspan(*config.stripe_gate_range, color="tab:orange", alpha=0.2, label="partial correction")
         top.axhline(config.stripe_gate_range[1], color="tab:red", lw=0.8, label="full correction from here")
-    top.set_yscale("log")
+        top.set_yscale("log")
+        top.legend(loc="upper right", fontsize=8)
+    else:
+        top.text(0.5, 0.5, "stripe_gate = false: every slice corrected, stripes not measured",
+                 ha="center", va="center", transform=top.transAxes)
     top.set_ylabel("ridge / isotropic power")
-    top.legend(loc="upper right", fontsize=8)
     top.set_title("destriping: stripes measured per slice")
     bottom.plot(k, weight, ".-", lw=0.8, ms=3, color="tab:green", label="correction weight")
     bottom.set_ylabel("weight")

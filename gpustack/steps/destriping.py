@@ -9,8 +9,9 @@ stripe orientation (`angle`), keeping the slice's shape.
 Differences from PyStack3D, on by default: each slice is measured for stripes first (`kernels/stripes.py`, the
 power on the stripes' spectral ridge relative to the slice's isotropic spectrum) and gets its correction in
 proportion (`stripe_gate_range`): slices without curtains are left exactly as they are, instead of losing real
-vertical structure. `stripe_gate = false` corrects every slice fully, as PyStack3D does. The measured ratio, the
-weight and the iterations of every slice are saved (`outputs/stripes.csv`) and plotted (`outputs/stripes.png`).
+vertical structure. `stripe_gate = false` corrects every slice fully, as PyStack3D does (and measures nothing).
+The measured ratio, the weight and the iterations of every slice are saved (`outputs/stripes.csv`) and plotted
+(`outputs/stripes.png`).
 """
 
 from __future__ import annotations
@@ -204,12 +205,14 @@ class Destriping(Step):
             self._warm = None
         self._next_start = batch.start + n
 
-        oriented = cfg.stripes_filter()
+        # Stripes are measured only for the gate (without it, every slice is corrected as PyStack3D does).
+        oriented = cfg.stripes_filter() if cfg.stripe_gate else None
         meter = self._cached(("meter", shape, dev), lambda: StripeMeter(shape, oriented, dev)) if oriented else None
-        ratio = meter(x) if meter is not None else torch.full((n,), math.nan, device=dev)
-        if cfg.stripe_gate and meter is not None:
+        if meter is not None:
+            ratio = meter(x)
             weight = gate(ratio, *cfg.stripe_gate_range)
         else:
+            ratio = torch.full((n,), math.nan, device=dev)
             weight = torch.ones(n, device=dev)
         iterations = torch.zeros(n, dtype=torch.int64, device=dev)
         chosen = (weight > 0).nonzero().squeeze(1)  # sync: once per batch, to skip the slices without stripes
