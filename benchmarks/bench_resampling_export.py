@@ -91,15 +91,18 @@ def main() -> None:
     common = [p for p in ours if p.name in theirs]
     diffs = [np.abs(tifffile.imread(p).astype(np.int64) - tifffile.imread(theirs[p.name])).max() for p in common]
 
-    # export against a bare tifffile write of the same planes, both flushed to disk (fsync): the page cache
-    # otherwise makes either look as fast as memory, or as slow as the previous write's writeback
+    # export against a bare tifffile write of the same planes, both flushed to disk (fsync), each into a new file
+    # after the disk has settled: otherwise the page cache and the previous write's writeback decide the numbers
     from gpustack.io.export import export_stack
     from gpustack.io.tiff import open_channel
 
     planes = np.stack([tifffile.imread(p) for p in ours])
     source, _ = open_channel(runs["gpustack resampling"][2] / "process" / "resampling", ".")
     bare, exp = [], []
-    for _ in range(max(3, args.repeats)):
+    for _ in range(max(5, args.repeats)):
+        for old in ("bare.tif", "export.tif"):  # freeing the previous file's blocks is not part of either write
+            (args.root / old).unlink(missing_ok=True)
+        os.sync()
         out = args.root / "bare.tif"
         start = time.perf_counter()
         tifffile.imwrite(out, planes, bigtiff=True)
@@ -107,7 +110,7 @@ def main() -> None:
         bare.append(time.perf_counter() - start)
         out = args.root / "export.tif"
         start = time.perf_counter()
-        export_stack(source, out, pixel_size=0.01, z_spacing=0.01, overwrite=True)
+        export_stack(source, out, pixel_size=0.01, z_spacing=0.01)
         fsync(out)
         exp.append(time.perf_counter() - start)
     params = runs["gpustack resampling"][2] / "params.toml"

@@ -92,7 +92,9 @@ def list_slice_files(folder: Path) -> tuple[list[Path], list[str]]:
 
 
 def _private_tags(page: tifffile.TiffPage) -> tuple:
-    return tuple((t.code, int(t.dtype), t.count, t.value, True) for t in page.tags.values() if t.code > PRIVATE_TAG_MIN)
+    """The raw private tags, as tifffile writes them back: text as its bytes (a Fibics XML with a latin-1 "µ"
+    cannot be written back from the decoded str, which tifffile requires to be 7-bit ASCII)."""
+    return tuple(t.astuple() for t in page.tags.values() if t.code > PRIVATE_TAG_MIN)
 
 
 def _inspect_page(path: Path, page: tifffile.TiffPage, index: int, name: str, size: int, mtime_ns: int) -> SliceInfo:
