@@ -1,6 +1,6 @@
 """A pass that changes the number of slices (resampling): each output plane is made from the two input slices
-around it, read once each, kept on the device only while planes still need them, and written by writer threads
-while the next planes are computed."""
+around it, read once each, kept only while planes still need them, and written by writer threads while the next
+planes are computed. A plane that falls on an input slice is that slice, written as read."""
 
 from __future__ import annotations
 
@@ -39,8 +39,10 @@ def run_reindex_pass(source: StackSource, plan: ResamplePlan, out_dir: Path, out
     readers = ThreadPoolExecutor(io_threads, thread_name_prefix="gpustack-read")
     writers = ThreadPoolExecutor(io_threads, thread_name_prefix="gpustack-write")
     pending: dict[int, Future] = {}  # input slice -> its read
-    cache: dict[int, torch.Tensor] = {}  # input slice -> float32 on the device
+    raw: dict[int, np.ndarray] = {}  # input slice -> as read, on the host
+    work: dict[int, torch.Tensor] = {}  # input slice -> float32 on the device (only those an interpolation needs)
     writes: deque[Future] = deque()
+    copies = np.dtype(str(out_dtype).removeprefix("torch.")) == source.dtype  # exact planes are written as read
 
     def needed(b: int) -> range:
         j0, j1 = starts[b], min(n_out, starts[b] + batch_size)
@@ -49,33 +51,43 @@ def run_reindex_pass(source: StackSource, plan: ResamplePlan, out_dir: Path, out
     def prefetch(b: int) -> None:
         if b < len(starts):
             for k in needed(b):
-                if k not in cache and k not in pending:
+                if k not in raw and k not in pending:
                     pending[k] = readers.submit(_read, source, k)
+
+    def on_device(k: int) -> torch.Tensor:
+        if k not in work:
+            work[k] = torch.from_numpy(raw[k]).to(device).to(torch.float32)
+        return work[k]
 
     try:
         prefetch(0)
         for b, j0 in enumerate(starts):
             j1 = min(n_out, j0 + batch_size)
             for k in needed(b):
-                if k not in cache:
-                    cache[k] = torch.from_numpy(pending.pop(k).result()).to(device).to(torch.float32)
+                if k not in raw:
+                    raw[k] = pending.pop(k).result()
             prefetch(b + 1)  # the next planes' slices are read while these are computed and written
-            lower, upper = plan.lower[j0:j1], plan.upper[j0:j1]
-            a = torch.stack([cache[int(k)] for k in lower])
-            c = torch.stack([cache[int(k)] for k in upper])
-            w = torch.as_tensor(plan.weight[j0:j1], dtype=torch.float32, device=device)[:, None, None]
-            planes = torch.lerp(a, c, w)
-            stored = to_storage(planes, out_dtype)
-            both = torch.cat([slice_stats(planes, nan_aware=False), slice_stats(stored, nan_aware=False)], dim=1)
-            host = stored.to(out_dtype).cpu().numpy()  # sync: to the writer threads
-            stats[j0:j1, 3:] = both.cpu().numpy()
             for j in range(j0, j1):
-                info = source.slices[int(plan.upper[j])]  # the tags of the slice above, as PyStack3D copies them
-                writes.append(writers.submit(write_slice, out_dir / plan.names[j], host[j - j0], info))
+                lo, hi = int(plan.lower[j]), int(plan.upper[j])
+                if lo == hi and copies:  # a plane on an input slice is that slice: no arithmetic, no rounding
+                    host = raw[lo]
+                    finite = host if host.dtype.kind != "f" else host[np.isfinite(host)]
+                    values = (finite.min(), finite.max(), finite.mean()) if finite.size else (np.nan,) * 3
+                    stats[j, 3:6] = stats[j, 6:9] = values
+                else:
+                    plane = torch.lerp(on_device(lo), on_device(hi), float(plan.weight[j]))[None]
+                    stored = to_storage(plane, out_dtype)
+                    both = torch.cat([slice_stats(plane, nan_aware=False), slice_stats(stored, nan_aware=False)], 1)
+                    host = stored.to(out_dtype)[0].cpu().numpy()  # sync: to the writer threads
+                    stats[j, 3:] = both[0].cpu().numpy()
+                info = source.slices[hi]  # the tags of the slice above, as PyStack3D copies them
+                writes.append(writers.submit(write_slice, out_dir / plan.names[j], host, info))
             while len(writes) > 2 * batch_size:
                 writes.popleft().result()
-            for k in [k for k in cache if k < int(plan.lower[min(j1, n_out - 1)])]:
-                del cache[k]
+            keep_from = int(plan.lower[min(j1, n_out - 1)])
+            for cache in (raw, work):
+                for k in [k for k in cache if k < keep_from]:
+                    del cache[k]
             if on_progress:
                 on_progress(j1 - j0)
         while writes:
