@@ -179,3 +179,26 @@ def test_missing_pyvsnr_is_a_config_error_before_the_run(monkeypatch):
     with pytest.raises(Exception, match="pyvsnr is not installed") as err:
         step.output_shape((32, 32))
     assert err.value.key == "engine"
+
+
+@pytest.mark.parametrize("table", [{"filters": [GABOR], "maxit": 5},
+                                   {"wavelet_decomposition": {"wavelet": "haar", "level": 2, "sigma": 4}}])
+def test_nan_fill_of_a_registration_stays_where_it_was(device, table):
+    """A 'constant' warp fills NaN: it must not spread over the slice through the FFTs (every pixel NaN)."""
+    from gpustack.steps.base import Batch
+
+    _, img = _curtained_pair()
+    x = torch.as_tensor(np.stack([img, img]), device=device)
+    x[0, :, :6] = float("nan")
+    step = Destriping(config(**table, stripe_gate=False))
+    out, _ = step.apply_recorded(Batch(x, 0, slice(0, 2), ["a", "b"], 2), None)
+    assert torch.isnan(out[0, :, :6]).all() and torch.isfinite(out[0, :, 6:]).all() and torch.isfinite(out[1]).all()
+    clean_cols = out[0, :, 10:].cpu().numpy()
+    assert np.abs(clean_cols - out[1, :, 10:].cpu().numpy()).mean() < 0.05 * np.abs(img).mean()
+
+
+def _curtained_pair():
+    rng = np.random.default_rng(4)
+    y, x = np.mgrid[0:64, 0:80]
+    clean = (1000 + 100 * np.sin(x / 6.0) * np.cos(y / 8.0)).astype(np.float32)
+    return clean, clean + rng.normal(0, 30, 80).astype(np.float32)[None, :]

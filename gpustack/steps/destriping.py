@@ -201,6 +201,13 @@ class Destriping(Step):
         cfg = self.config
         x = batch.data.to(torch.float32)
         n, shape, dev = x.shape[0], tuple(x.shape[1:]), x.device
+        # NaN (a 'constant' registration fill) would spread over the whole slice through the FFTs: the filters see
+        # the slice's mean there, and the NaN are put back afterwards.
+        missing = torch.isnan(x)
+        holes = bool(missing.any())  # sync: once per batch
+        original = x
+        if holes:
+            x = torch.where(missing, torch.nan_to_num(x.nanmean(dim=(1, 2), keepdim=True)), x)
         if batch.start != self._next_start:  # a new stream (next channel, or a resumed run): no warm state
             self._warm = None
         self._next_start = batch.start + n
@@ -239,6 +246,8 @@ class Destriping(Step):
                 out = x.clone()
                 out[chosen] = fixed
         removed = (out - x).square().mean(dim=(1, 2)).sqrt()
+        if holes:
+            out = torch.where(missing, original, out)
         return out, {"stripe_ratio": ratio, "weight": weight, "iterations": iterations, "removed_rms": removed}
 
     def _vsnr(self, x: torch.Tensor, shape: tuple[int, int], dev: torch.device,
