@@ -73,11 +73,16 @@ def _analysis(x: torch.Tensor, bank: dict, dim: int) -> tuple[torch.Tensor, torc
     else:  # a signal shorter than the filter: mirrored several times over
         ext = x.index_select(dim, _symmetric_index(n, taps - 1, x.device)[1:])
     count = (n + taps - 1) // 2
+    if dim == -1:  # along rows: split even and odd samples once, so that every tap reads contiguous memory
+        phases = (ext[..., 0::2].contiguous(), ext[..., 1::2].contiguous())
+        view = lambda j: phases[j % 2][..., j // 2:j // 2 + count]  # noqa: E731
+    else:
+        view = lambda j: _every_other(ext, dim, j, count)  # noqa: E731
     out = []
     for filt in bank["dec"]:
-        acc = _every_other(ext, dim, 0, count) * filt[0]
+        acc = view(0) * filt[0]
         for j in range(1, taps):
-            acc.add_(_every_other(ext, dim, j, count), alpha=filt[j])
+            acc.add_(view(j), alpha=filt[j])
         out.append(acc)
     return out[0], out[1]
 
@@ -89,11 +94,20 @@ def _synthesis(approx: torch.Tensor, detail: torch.Tensor, bank: dict, dim: int)
 
     n, taps = approx.shape[dim], bank["length"]
     shape = list(approx.shape)
-    shape[dim] = 2 * n + taps - 2
-    full = torch.zeros(shape, dtype=approx.dtype, device=approx.device)
-    for coeffs, filt in zip((approx, detail), bank["rec"]):
-        for j in range(taps):
-            _every_other(full, dim, j, n).add_(coeffs, alpha=filt[j])
+    if dim == -1 and taps % 2 == 0:  # along rows: accumulate the even and odd outputs apart, interleave once
+        shape[-1] = n + taps // 2 - 1
+        phases = (torch.zeros(shape, dtype=approx.dtype, device=approx.device),
+                  torch.zeros(shape, dtype=approx.dtype, device=approx.device))
+        for coeffs, filt in zip((approx, detail), bank["rec"]):
+            for j in range(taps):
+                phases[j % 2][..., j // 2:j // 2 + n].add_(coeffs, alpha=filt[j])
+        full = torch.stack(phases, dim=-1).flatten(-2)
+    else:
+        shape[dim] = 2 * n + taps - 2
+        full = torch.zeros(shape, dtype=approx.dtype, device=approx.device)
+        for coeffs, filt in zip((approx, detail), bank["rec"]):
+            for j in range(taps):
+                _every_other(full, dim, j, n).add_(coeffs, alpha=filt[j])
     return full.narrow(dim, taps - 2, 2 * n - taps + 2)
 
 
