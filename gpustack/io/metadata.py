@@ -202,6 +202,8 @@ def parse_fibics(xml: str | bytes, where: str) -> dict[str, Any]:
                          "refusing it")
     root = parse_xml(xml, where)
     out: dict[str, Any] = {key: _integral(split_number(_text(root, path))[0]) for key, path in SLICE_PATHS.items()}
+    if out["z_pos"] is None:  # Atlas writes ATLAS3D/Slice/ZPos; other writers (and older files) put it elsewhere
+        out["z_pos"] = _integral(split_number(_text(root, ".//ZPos"))[0])
     out["pixel_size_um"] = _pixel_size(root, out["width"])
     out["beam_current"], out["beam_current_unit"] = split_number(_text(root, BEAM_CURRENT_PATH))
     return out

@@ -245,7 +245,8 @@ class Destriping(Step):
             else:
                 out = x.clone()
                 out[chosen] = fixed
-        removed = (out - x).square().mean(dim=(1, 2)).sqrt()
+        change = torch.where(missing, 0.0, out - x) if holes else out - x
+        removed = change.square().mean(dim=(1, 2)).sqrt()
         if holes:
             out = torch.where(missing, original, out)
         return out, {"stripe_ratio": ratio, "weight": weight, "iterations": iterations, "removed_rms": removed}

@@ -16,7 +16,6 @@ the current planes on the device, and writes `len(zpos_out)` planes named by `po
 from __future__ import annotations
 
 import re
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +27,6 @@ from gpustack.steps.base import ParamError, Report, Step
 if TYPE_CHECKING:
     from gpustack.io.tiff import SliceInfo
 
-FIBICS_TAG = 51023
 EXACT = 1e-9  # um: an output z this close to an input z is that slice
 FIELDS = ("slice_nb", "z_coord")
 
@@ -100,17 +98,16 @@ class ResamplePlan:
 
 
 def zpos_from_tags(info: SliceInfo) -> float | None:
-    """ZPos of a slice's Fibics XML (tag 51023), or None."""
+    """ZPos of a slice's Fibics XML (tag 51023, kept with the slice's header), or None."""
+    from gpustack.errors import InputError
+    from gpustack.io.metadata import FIBICS_TAG, parse_fibics
+
     value = next((t[3] for t in info.private_tags if t[0] == FIBICS_TAG), None)
-    if value is None:
+    if not isinstance(value, (str, bytes)):
         return None
-    text = value.decode("latin-1") if isinstance(value, bytes) else str(value)
-    if "<!DOCTYPE" in text or "<!ENTITY" in text:
-        return None  # never expand entities from a file
     try:
-        node = ET.fromstring(text.strip().rstrip("\x00")).find(".//ZPos")
-        return float(node.text) if node is not None and node.text else None
-    except (ET.ParseError, ValueError):
+        return parse_fibics(value, info.name)["z_pos"]
+    except InputError:  # unreadable metadata is no z: the names or zpos_in must give it
         return None
 
 
