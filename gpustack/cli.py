@@ -223,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for the BigTIFFs (default: process/export)")
     p.add_argument("--pixel-size", type=float, help="um per pixel (default: from Atlas3D.a3d-setup if present)")
     p.add_argument("--z-spacing", type=float, help="um between planes (default: resampling's dz after it)")
-    p.add_argument("--compression", choices=["zlib", "lzw", "zstd"], help="default: none")
+    p.add_argument("--compression", choices=["zlib"], help="deflate the pages (default: none, fastest to open)")
     p.add_argument("--overwrite", action="store_true", help="replace existing exports")
     p.set_defaults(func=cmd_export)
 
