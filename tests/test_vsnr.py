@@ -168,3 +168,25 @@ def test_gate_is_zero_below_one_above_and_full_for_unmeasured(device):
     ratio = torch.tensor([0.5, 1.4, math.sqrt(1.4 * 2.0), 2.0, 9.0, math.nan], device=device)
     g = gate(ratio, 1.4, 2.0).cpu().numpy()
     np.testing.assert_allclose(g, [0, 0, 0.5, 1, 1, 1], atol=1e-6)
+
+
+def test_fused_iteration_matches_the_unfused_one(device):
+    """The torch.compile'd iteration (large stacks, and what CUDA runs) against the in-place one (small stacks,
+    and machines where compiling is not possible)."""
+    from gpustack.kernels import vsnr
+
+    fused = vsnr._compiled()
+    if fused is None:
+        pytest.skip("torch.compile cannot be set up here")
+    g = torch.randn((2, 2, 24, 40), device=device)
+    b = torch.randn((2, 24, 40), device=device)
+    mu = torch.randn((2, 2, 24, 40), device=device)
+    mu_f, div_f = mu.clone(), torch.empty((2, 24, 40), device=device)
+    mu_p, div_p = mu.clone(), torch.empty((2, 24, 40), device=device)
+    scratch = torch.empty((3, 2, 24, 40), device=device)
+    ran = vsnr._run_fused(fused, g, mu_f, b, div_f, 10.0)
+    if not ran:
+        pytest.skip("torch.compile failed on first use here (no C++ compiler or Triton)")
+    vsnr._iterate_in_place(g, mu_p, b, div_p, 10.0, scratch[0], scratch[1], scratch[2])
+    torch.testing.assert_close(mu_f, mu_p, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(div_f, div_p, atol=1e-5, rtol=1e-5)
