@@ -136,8 +136,11 @@ def cmd_export(args: argparse.Namespace) -> int:
                           pixel_size=pixel_size, z_spacing=z_spacing, overwrite=args.overwrite,
                           compression=args.compression)
     for path in written:
-        _log(f"wrote {path} (pixel {pixel_size or 'uncalibrated'}{' um' if pixel_size else ''}, z spacing "
-             f"{z_spacing if z_spacing is not None else 'unknown'}{' um' if z_spacing else ''})")
+        if pixel_size:
+            calibration = f"pixel {pixel_size:g} um, z spacing " + (f"{z_spacing:g} um" if z_spacing else "unknown")
+        else:
+            calibration = "uncalibrated: give --pixel-size (and --z-spacing) for Fiji to show microns"
+        _log(f"wrote {path} ({calibration})")
     return 0
 
 

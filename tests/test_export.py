@@ -34,8 +34,8 @@ def test_round_trip_with_calibration_and_tags(tmp_path, dtype):
 def test_uncalibrated_export_says_pixel(tmp_path):
     write_stack(tmp_path / "in", n=2)
     source, _ = open_channel(tmp_path / "in", ".")
-    out = export_stack(source, tmp_path / "s.tif", keep_private_tags=False)
-    with tifffile.TiffFile(out) as tif:
+    out = export_stack(source, tmp_path / "s.tif", keep_private_tags=False, z_spacing=0.01)
+    with tifffile.TiffFile(out) as tif:  # a z spacing without a pixel size would be read in pixels: left out
         assert tif.imagej_metadata["unit"] == "pixel" and "spacing" not in tif.imagej_metadata
         assert 51023 not in tif.pages[0].tags
 

@@ -48,7 +48,9 @@ def export_stack(source: StackSource, out_path: Path, *, pixel_size: float | Non
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.name}.part")
     n = len(source)
-    first = {"description": imagej_description(n, unit if pixel_size else "pixel", z_spacing)}
+    # Without a pixel size the stack is uncalibrated: ImageJ would read a z spacing in "pixel" units.
+    first = {"description": imagej_description(n, unit, z_spacing) if pixel_size else
+             imagej_description(n, "pixel", None)}
     if pixel_size:
         first["resolution"] = (1.0 / pixel_size, 1.0 / pixel_size)
 
