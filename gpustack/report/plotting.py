@@ -11,7 +11,8 @@ DPI = 150
 
 
 def new_figure(width: float = 10, height: float = 4, **kwargs) -> Figure:
-    fig = Figure(figsize=(width, height), layout="constrained", **kwargs)
+    kwargs.setdefault("layout", "constrained")
+    fig = Figure(figsize=(width, height), **kwargs)
     FigureCanvasAgg(fig)
     return fig
 
