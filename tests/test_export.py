@@ -26,6 +26,10 @@ def test_round_trip_with_calibration_and_tags(tmp_path, dtype):
         assert ij["unit"] == "micron" and ij["spacing"] == 0.01 and ij["slices"] == 5
         x_res = tif.pages[0].tags["XResolution"].value
         assert x_res[0] / x_res[1] == pytest.approx(200.0)
+        assert tif.pages[0].resolution == pytest.approx((200.0, 200.0))
+        # pixels per description unit: NONE, as ImageJ writes it (INCH would make Bio-Formats scale by 25400)
+        assert tif.pages[0].tags["ResolutionUnit"].value == 1
+        assert tif.series[0].shape == data.shape  # napari / tifffile see one Z stack, not N single pages
         for k, page in enumerate(tif.pages):
             assert f"{k * 0.01:.4f}" in page.tags[51023].value
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["stack.tif"]
@@ -56,6 +60,15 @@ def test_failure_mid_write_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(InputError, match="truncated"):
         export_stack(source, tmp_path / "out" / "s.tif")
     assert list((tmp_path / "out").iterdir()) == []
+    # replacing an earlier export: a failure leaves the earlier file as it was
+    monkeypatch.setattr(export_mod, "read_slice", real)
+    earlier = export_stack(source, tmp_path / "out" / "s.tif", keep_private_tags=False).read_bytes()
+    monkeypatch.setattr(export_mod, "read_slice", broken)
+    calls.clear()
+    with pytest.raises(InputError, match="truncated"):
+        export_stack(source, tmp_path / "out" / "s.tif", overwrite=True)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["s.tif"]
+    assert (tmp_path / "out" / "s.tif").read_bytes() == earlier
 
 
 def test_refuses_to_overwrite_or_to_write_onto_an_input(tmp_path):
@@ -70,12 +83,27 @@ def test_refuses_to_overwrite_or_to_write_onto_an_input(tmp_path):
 
 
 def test_export_step_per_channel_and_missing_step(tmp_path):
-    for c in ("SE2", "ESB"):
-        write_stack(tmp_path / "process" / "cropping" / c, n=3)
+    data = {c: write_stack(tmp_path / "process" / "cropping" / c, n=3, seed=k) for k, c in enumerate(("SE2", "ESB"))}
+    (tmp_path / "process" / "registration").mkdir()
     paths = export_step(tmp_path, "cropping", tmp_path / "exp", ["SE2", "ESB"])
     assert [p.name for p in paths] == ["cropping_SE2.tif", "cropping_ESB.tif"]
-    with pytest.raises(InputError, match="steps there: cropping"):
+    for path, c in zip(paths, ("SE2", "ESB")):
+        assert np.array_equal(tifffile.imread(path), data[c])
+    with pytest.raises(InputError, match="steps there: cropping, registration"):
         export_step(tmp_path, "destriping", tmp_path / "exp", ["SE2"])
+
+
+def test_export_step_finds_the_channels_and_reports_progress(tmp_path):
+    for c in ("SE2", "ESB"):
+        write_stack(tmp_path / c, n=3)
+    write_stack(tmp_path / "process" / "cropping" / "SE2", n=2)  # an output inside the project: not a channel
+    calls = []
+    paths = export_step(tmp_path, None, tmp_path / "exp", None, progress=lambda *a: calls.append(a))
+    assert [p.name for p in paths] == ["input_ESB.tif", "input_SE2.tif"]
+    assert calls == [(1, 3), (2, 3), (3, 3)] * 2
+    single = write_stack(tmp_path / "single", n=4)
+    [path] = export_step(tmp_path / "single", None, tmp_path / "exp", None)
+    assert path.name == "input.tif" and np.array_equal(tifffile.imread(path), single)
 
 
 def test_cli_exports_the_last_step_with_resampling_spacing(tmp_path, capsys):

@@ -1,10 +1,13 @@
 """`gpustack export`: a step's output (or the input) as one multi-page BigTIFF per channel, for Fiji and napari.
 
-Streaming: slices are read ahead by a thread while the previous one is written; one or two slices in memory,
-never the stack. Calibration is written the way ImageJ stores it (an ImageJ description with `unit` and
-`spacing`, and X/Y resolution in pixels per unit), which Fiji (Bio-Formats for BigTIFF), napari and tifffile
-read back; each page keeps its slice's private tags (e.g. the Fibics XML). The file appears under its final name
-only when complete.
+Streaming: slices are read ahead by a thread into two reused buffers while the previous one is written; two
+slices in memory, never the stack. Calibration is written the way ImageJ stores it: on the first page an ImageJ
+description with `unit` and `spacing`, and X/Y resolution in pixels per unit with ResolutionUnit NONE (1), as
+ImageJ's own writer does. ImageJ 1.x cannot open a BigTIFF itself; Fiji opens it with Bio-Formats, which reads
+that description (unit, spacing, slices) and converts X/Y resolution with the ResolutionUnit tag: the TIFF
+default INCH would make it multiply the pixel size by 25400 (inch -> micron). tifffile (`imagej_metadata`,
+`pages[0].resolution`) and napari read the same. Each page keeps its slice's private tags (e.g. the Fibics XML).
+The file appears under its final name only when complete.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import numpy as np
 import tifffile
 
 from gpustack.errors import ConfigError, InputError
-from gpustack.io.tiff import StackSource, open_channel, read_slice
+from gpustack.io.tiff import SKIPPED_NAMES, TIFF_SUFFIXES, StackSource, open_channel, read_slice
 
 IMAGEJ_UNITS = {"um": "micron", "µm": "micron", "micron": "micron", "nm": "nm", "mm": "mm", "pixel": "pixel"}
 
@@ -52,10 +55,14 @@ def export_stack(source: StackSource, out_path: Path, *, pixel_size: float | Non
     first = {"description": imagej_description(n, unit, z_spacing) if pixel_size else
              imagej_description(n, "pixel", None)}
     if pixel_size:
+        # pixels per unit of the description; NONE, not tifffile's default INCH (see the module docstring)
         first["resolution"] = (1.0 / pixel_size, 1.0 / pixel_size)
+        first["resolutionunit"] = tifffile.RESUNIT.NONE
+    # slice k is read into buffers[k % 2] while slice k - 1 is written from the other one
+    buffers = [np.empty(source.shape, source.dtype) for _ in range(min(n, 2))]
 
     def load(k: int) -> np.ndarray:
-        buf = np.empty(source.shape, source.dtype)
+        buf = buffers[k % 2]
         read_slice(source.slices[k], buf)
         return buf
 
@@ -79,16 +86,37 @@ def export_stack(source: StackSource, out_path: Path, *, pixel_size: float | Non
     return out_path
 
 
-def export_step(project_dir: Path, step: str | None, out_dir: Path, channels: list[str], *,
+def _has_slices(folder: Path) -> bool:
+    return any(p.is_file() and p.suffix.lower() in TIFF_SUFFIXES and p.name not in SKIPPED_NAMES
+               for p in folder.iterdir())
+
+
+def find_channels(base: Path, exclude: tuple[Path, ...] = ()) -> list[str]:
+    """The channels in `base`: ["."] when the slices lie in it, else its sub-folders holding slices, sorted."""
+    if _has_slices(base):
+        return ["."]
+    skip = {p.resolve() for p in exclude}
+    found = sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")
+                   and p.resolve() not in skip and _has_slices(p))
+    if not found:
+        raise InputError(f"no .tif or .tiff slices in {base} nor in its sub-folders")
+    return found
+
+
+def export_step(project_dir: Path, step: str | None, out_dir: Path, channels: list[str] | None = None, *,
                 process_dir: Path | None = None, **kw) -> list[Path]:
-    """One BigTIFF per channel, `<step or 'input'>_<channel>.tif` in `out_dir`, from `process/<step>/<channel>/`
-    (or the input slices when `step` is None)."""
-    process_dir = process_dir or project_dir / "process"
+    """One BigTIFF per channel, `<step or 'input'>_<channel>.tif` in `out_dir` (`<step or 'input'>.tif` for the
+    channel "."), from `process/<step>/<channel>/` (or the input slices when `step` is None). `channels` None: the
+    channels found there (see `find_channels`). `kw` goes to `export_stack`."""
+    project_dir = Path(project_dir)
+    process_dir = Path(process_dir) if process_dir else project_dir / "process"
     if step is not None and not (process_dir / step).is_dir():
         done = sorted(p.name for p in process_dir.iterdir() if p.is_dir() and not p.name.startswith(".")) \
             if process_dir.is_dir() else []
         raise InputError(f"no output of {step!r} in {process_dir}; steps there: {', '.join(done) or 'none'}")
     base = project_dir if step is None else process_dir / step
+    if channels is None:
+        channels = find_channels(base, exclude=(process_dir, Path(out_dir)))
     written = []
     for channel in channels:
         source, _notes = open_channel(base, channel)
