@@ -21,7 +21,7 @@ import numpy as np
 import tifffile
 
 from gpustack.errors import ConfigError, InputError
-from gpustack.io.tiff import SKIPPED_NAMES, TIFF_SUFFIXES, StackSource, open_channel, read_slice
+from gpustack.io.tiff import StackSource, list_slice_files, open_channel, read_slice
 
 IMAGEJ_UNITS = {"um": "micron", "µm": "micron", "micron": "micron", "nm": "nm", "mm": "mm", "pixel": "pixel"}
 
@@ -87,8 +87,7 @@ def export_stack(source: StackSource, out_path: Path, *, pixel_size: float | Non
 
 
 def _has_slices(folder: Path) -> bool:
-    return any(p.is_file() and p.suffix.lower() in TIFF_SUFFIXES and p.name not in SKIPPED_NAMES
-               for p in folder.iterdir())
+    return bool(list_slice_files(folder)[0])  # the files open_channel would take
 
 
 def find_channels(base: Path, exclude: tuple[Path, ...] = ()) -> list[str]:
