@@ -138,6 +138,13 @@ def test_numpy_in_numpy_out_and_single_slice(curtained):
     assert info["weight"].shape == (1,)
 
 
+def test_slices_too_small_to_measure_are_corrected_fully():
+    from gpustack.api import destripe_vsnr
+
+    out, info = destripe_vsnr(np.random.default_rng(0).random((2, 4, 4)).astype(np.float32), [GABOR], maxit=3)
+    assert out.shape == (2, 4, 4) and np.isnan(info["stripe_ratio"]).all() and (info["weight"] == 1).all()
+
+
 def test_constant_and_zero_slices_are_left_intact(device):
     from gpustack.api import destripe_vsnr
 

@@ -214,7 +214,14 @@ class Destriping(Step):
 
         # Stripes are measured only for the gate (without it, every slice is corrected as PyStack3D does).
         oriented = cfg.stripes_filter() if cfg.stripe_gate else None
-        meter = self._cached(("meter", shape, dev), lambda: StripeMeter(shape, oriented, dev)) if oriented else None
+
+        def make_meter() -> StripeMeter | None:
+            try:
+                return StripeMeter(shape, oriented, dev)
+            except ValueError:  # slices too small to tell stripes from content: corrected fully, unmeasured
+                return None
+
+        meter = self._cached(("meter", shape, dev), make_meter) if oriented else None
         if meter is not None:
             ratio = meter(x)
             weight = gate(ratio, *cfg.stripe_gate_range)
