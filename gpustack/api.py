@@ -203,9 +203,7 @@ def warp_stack(stack: Any, matrices: Any, *, mode: str = "constant", order: int 
 def _filters_table(filters: Sequence[Any]) -> list[dict]:
     from gpustack.kernels.vsnr import NoiseFilter
 
-    return [{"name": f.name, "noise_level": f.noise_level, **({"sigma": list(f.sigma), "theta": f.theta}
-                                                             if f.name == "Gabor" else {})}
-            if isinstance(f, NoiseFilter) else dict(f) for f in filters]
+    return [f.as_table() if isinstance(f, NoiseFilter) else dict(f) for f in filters]
 
 
 def destripe_vsnr(stack: Any, filters: Sequence[Any], *, maxit: int = 100, cvg_threshold: float = 0.0,

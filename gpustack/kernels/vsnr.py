@@ -52,6 +52,12 @@ class NoiseFilter:
     def oriented(self) -> bool:
         return self.name == "Gabor" and self.sigma[0] != self.sigma[1]
 
+    def as_table(self) -> dict:
+        """The filter as PyStack3D's params.toml and pyvsnr write it."""
+        if self.name == "Dirac":
+            return {"name": "Dirac", "noise_level": self.noise_level}
+        return {"name": "Gabor", "noise_level": self.noise_level, "sigma": list(self.sigma), "theta": self.theta}
+
 
 def _pattern(f: NoiseFilter, shape: tuple[int, int], dtype, device) -> torch.Tensor:
     """The filter sampled on the slice grid (Gabor centred at (H/2 + 1, W/2 + 1), as the Fiji plugin and pyvsnr

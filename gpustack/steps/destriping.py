@@ -283,12 +283,6 @@ class Destriping(Step):
 _POOL = None
 
 
-def _pyvsnr_filters(filters: tuple[NoiseFilter, ...]) -> list[dict]:
-    return [{"name": "Dirac", "noise_level": f.noise_level} if f.name == "Dirac" else
-            {"name": "Gabor", "noise_level": f.noise_level, "sigma": list(f.sigma), "theta": f.theta}
-            for f in filters]
-
-
 def _pyvsnr_slice(args: tuple) -> Any:
     import numpy as np
     from pyvsnr import vsnr2d
@@ -308,7 +302,7 @@ def _pyvsnr(x: torch.Tensor, cfg: DestripingConfig) -> torch.Tensor:
     import numpy as np
     import torch
 
-    filters = _pyvsnr_filters(cfg.filters)
+    filters = [f.as_table() for f in cfg.filters]
     host = x.detach().cpu().numpy()  # sync: pyvsnr works on host arrays
     if x.device.type == "cuda" and importlib.util.find_spec("cupy") is not None:
         from pyvsnr import vsnr2d
