@@ -134,20 +134,28 @@ def rescale_intensity_area(stack: Any, *, area: Sequence[int] | None = None, thr
     return out, back(state["factors"])
 
 
-def register_stack(stack: Any, *, references: int = 1, upsample: int = 20, refine: int = 0,
-                   area: Sequence[int] | None = None, device: str | None = None, batch_size: int = 16) -> Any:
+def register_stack(stack: Any, *, references: int = 1, estimator: str = "tiles", tiles: int = 0, binning: int = 0,
+                   iterations: int = 3, upsample: int = 20, refine: int = 0, area: Sequence[int] | None = None,
+                   device: str | None = None, batch_size: int = 16) -> Any:
     """Translations that align every slice of a stack (N, H, W) onto slice 0, as (N, 3, 3) cumulative matrices
     in skimage's `warp` convention (output pixel -> input pixel), the same kind of array as the input.
 
-    Each slice is matched to the `references` slices before it by cross-correlation (1/upsample px) refined by
-    `refine` Gauss-Newton iterations on the intensities, and the positions are solved in robust least squares
-    (references = 1: pairwise chaining, as PyStack3D).
+    Each slice is matched to the `references` slices before it, and the positions are solved in robust least
+    squares (references = 1: pairwise chaining, as PyStack3D). `estimator = "tiles"` (default): correlation on a
+    binned copy, then `iterations` Gauss-Newton iterations on the intensities moved by the median of
+    `tiles` x `tiles` tiles' updates (0: automatic), robust to structures that change between slices;
+    `"correlation"`: the cross-correlation peak (1/upsample px) and `refine` whole-slice Gauss-Newton iterations.
+    The parameters are registration_calculation's (README).
     """
     import numpy as np
     import torch
 
     from gpustack.arrays import to_torch
+    from gpustack.kernels import translation
     from gpustack.steps.registration import _solve_translations, measure_translations
+
+    if estimator not in ("tiles", "correlation"):
+        raise ValueError(f"estimator must be 'tiles' or 'correlation', got {estimator!r}")
 
     t, back = to_torch(stack, device)
     if t.ndim != 3:
@@ -159,11 +167,20 @@ def register_stack(stack: Any, *, references: int = 1, upsample: int = 20, refin
     n = t.shape[0]
     ks, ds, shifts, quality = [], [], [], []
     for s in range(1, n, batch_size):
+        first = max(0, s - references)  # the batch and the slices its pairs reach back to, prepared once
+        prep = None
+        if estimator == "tiles":
+            prep = translation.prepare(t[first:min(n, s + batch_size)], lk_bin=binning or None,
+                                       coarse_bin=2 * binning if binning else None)
         for d in range(1, references + 1):
             k = torch.arange(max(s, d), min(n, s + batch_size), device=t.device)
             if len(k) == 0:
                 continue
-            shift, q = measure_translations(t[k - d], t[k], upsample=upsample, refine=refine)
+            if prep is None:
+                shift, q = measure_translations(t[k - d], t[k], upsample=upsample, refine=refine)
+            else:
+                shift, q = translation.measure(prep, k - first, k - d - first, iterations=iterations,
+                                               tiles=tiles or None)
             ks.append(k.cpu().numpy())  # sync: small index and result arrays
             ds.append(np.full(len(k), d))
             shifts.append(shift.double().cpu().numpy())

@@ -44,9 +44,21 @@ class RegistrationCalculationConfig:
                         "on the device; pystackreg: PyStack3D's library on the CPU (auto: gpustack)")
     references: int = param(1, integer(1, 16), "gpustack: register each slice to this many slices before it and "
                                               "solve positions in robust least squares (1: pairwise chaining)")
-    upsample: int = param(20, integer(1, 1000), "gpustack: sub-pixel precision of the correlation peak, 1/upsample px")
-    refine: int = param(0, integer(0, 20), "gpustack: Gauss-Newton (Lucas-Kanade) iterations on the intensities "
-                                          "after the correlation peak (0: the peak only)")
+    estimator: str = param("tiles", choice("tiles", "correlation"),
+                           "gpustack, translations: tiles: correlation on a binned copy, then Gauss-Newton on the "
+                           "intensities moved by the median of the tiles' updates (robust to structures that "
+                           "change between slices); correlation: the cross-correlation peak (1/upsample px), then "
+                           "`refine` whole-slice Gauss-Newton iterations")
+    tiles: int = param(0, integer(0, 64), "gpustack, estimator tiles: tiles per side (0: about 48 px each at the "
+                                          "binned size; 1: one least-squares fit over the whole slice)")
+    binning: int = param(0, integer(0, 16), "gpustack, estimator tiles: pixels averaged per side before the "
+                                            "Gauss-Newton iterations (0: the slice's smaller side // 400)")
+    iterations: int = param(3, integer(0, 50), "gpustack, estimator tiles: Gauss-Newton iterations (0: the "
+                                               "correlation peak of the binned copy only)")
+    upsample: int = param(20, integer(1, 1000), "gpustack, estimator correlation: sub-pixel precision of the "
+                                                "correlation peak, 1/upsample px")
+    refine: int = param(0, integer(0, 20), "gpustack, estimator correlation: Gauss-Newton (Lucas-Kanade) iterations "
+                                          "on the intensities after the correlation peak (0: the peak only)")
 
     @property
     def uses_pystackreg(self) -> bool:
@@ -110,16 +122,17 @@ class RegistrationCalculation(Step):
         if not pairs:
             return {"k": [], "d": [], "mats": None, "quality": None, "blocks": x.shape[1], "n_total": batch.n_total,
                     "shape": tuple(batch.data.shape[1:])}
-        mov = torch.stack([x[r] for r, _ in pairs])  # (pairs, blocks, h, w)
-        ref = torch.stack([x[j] for _, j in pairs])
         blocks = x.shape[1]
         if self.config.uses_pystackreg:
+            mov = torch.stack([x[r] for r, _ in pairs])  # (pairs, blocks, h, w)
+            ref = torch.stack([x[j] for _, j in pairs])
             mats, quality = _pystackreg_pairs(ref, mov, self.config.transformation)
         else:
-            ref, mov = ref.flatten(0, 1), mov.flatten(0, 1)
-            refine = self.config.refine if self.config.transformation == "TRANSLATION" else 0
-            shift, quality = measure_translations(ref, mov, upsample=self.config.upsample, refine=refine)
+            shift, quality = self._measure(x, pairs)
             if self.config.transformation != "TRANSLATION":
+                flat = x.flatten(0, 1)
+                mov_i, ref_i = _pair_indices(pairs, blocks, flat.device)
+                ref, mov = flat[ref_i], flat[mov_i]
                 from gpustack.kernels.affine_lk import estimate_affine
 
                 mats = estimate_affine(ref, mov, shift, model=self.config.transformation)
@@ -130,6 +143,25 @@ class RegistrationCalculation(Step):
             quality = quality.reshape(len(pairs), blocks)
         return {"k": [batch.start + r for r, _ in pairs], "d": [r - j for r, j in pairs], "mats": mats,
                 "quality": quality, "blocks": blocks, "n_total": batch.n_total, "shape": tuple(batch.data.shape[1:])}
+
+    def _measure(self, x: "torch.Tensor", pairs: list[tuple[int, int]]) -> tuple["torch.Tensor", "torch.Tensor"]:
+        """Translations (pairs * blocks, 2) and qualities of the pairs (mov, ref) of slices x (n, blocks, h, w)."""
+        import torch
+
+        cfg = self.config
+        blocks = x.shape[1]
+        if cfg.estimator == "correlation":
+            mov = torch.stack([x[r] for r, _ in pairs]).flatten(0, 1)
+            ref = torch.stack([x[j] for _, j in pairs]).flatten(0, 1)
+            refine = cfg.refine if cfg.transformation == "TRANSLATION" else 0
+            return measure_translations(ref, mov, upsample=cfg.upsample, refine=refine)
+        from gpustack.kernels import translation
+
+        # each slice's binned copies, spectrum and gradients once, whatever the number of pairs it is in
+        prep = translation.prepare(x.flatten(0, 1), lk_bin=cfg.binning or None,
+                                   coarse_bin=2 * cfg.binning if cfg.binning else None)
+        mov_i, ref_i = _pair_indices(pairs, blocks, x.device)
+        return translation.measure(prep, mov_i, ref_i, iterations=cfg.iterations, tiles=cfg.tiles or None)
 
     def fit_reduce(self, partials: list[dict[str, Any]]) -> dict[str, Any]:
         import torch
@@ -215,12 +247,23 @@ def measure_translations(ref: "torch.Tensor", mov: "torch.Tensor", *, upsample: 
     where phase correlation is thrown off (measured); `refine` Lucas-Kanade iterations follow if asked."""
     from gpustack.kernels.phase_correlation import estimate_shifts
 
-    shift, quality = estimate_shifts(_padded(ref), _padded(mov), upsample=upsample, window=False, normalise=False)
+    shift, quality = estimate_shifts(_padded(ref), _padded(mov), upsample=upsample, window=False, normalise=False,
+                                     overlap=tuple(ref.shape[-2:]))
     if refine:
         from gpustack.kernels.lucas_kanade import refine_translations
 
         shift = refine_translations(ref, mov, shift, iterations=refine)
     return shift, quality
+
+
+def _pair_indices(pairs: list[tuple[int, int]], blocks: int, device: "torch.device"
+                  ) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """Rows of (slices * blocks) for the movs and refs of the pairs, block by block."""
+    import torch
+
+    mov = [r * blocks + b for r, _ in pairs for b in range(blocks)]
+    ref = [j * blocks + b for _, j in pairs for b in range(blocks)]
+    return torch.tensor(mov, device=device), torch.tensor(ref, device=device)
 
 
 def _aligned_correlation(ref: "torch.Tensor", mov: "torch.Tensor", mats: "torch.Tensor") -> "torch.Tensor":
@@ -239,27 +282,17 @@ def _aligned_correlation(ref: "torch.Tensor", mov: "torch.Tensor", mats: "torch.
     return torch.where(den > 0, (a * b).sum((1, 2)) / den.clamp_min(1e-30), 0.0).clamp(0, 1)
 
 
-def _fast_size(n: int) -> int:
-    """The smallest 2^a 3^b 5^c >= n: FFTs of such sizes are fast (901 = 17 x 53 is not)."""
-    size = n
-    while True:
-        m = size
-        for p in (2, 3, 5):
-            while m % p == 0:
-                m //= p
-        if m == 1:
-            return size
-        size += 1
-
-
 def _padded(x: "torch.Tensor") -> "torch.Tensor":
-    """Mean removed, then zero-padded to fast FFT sizes: faster, and the correlation is linear rather than
-    circular (measured: 0.198 px RMS per pair instead of 0.211 on 901² slices)."""
+    """Mean removed, then zero-padded by half its size at least, to fast FFT sizes: the correlation is linear
+    for shifts up to half the size, and divided by the overlap it has no bias towards small shifts (measured on
+    96² crops moved by up to 4 px: 0.06 px off at most instead of 0.14)."""
     import torch.nn.functional as F
+
+    from gpustack.kernels.translation import fast_size
 
     x = x - x.mean(dim=(-2, -1), keepdim=True)
     h, w = x.shape[-2:]
-    return F.pad(x, (0, _fast_size(w) - w, 0, _fast_size(h) - h))
+    return F.pad(x, (0, fast_size(w + w // 2) - w, 0, fast_size(h + h // 2) - h))
 
 
 def _translation(shift: "torch.Tensor") -> "torch.Tensor":
