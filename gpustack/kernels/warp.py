@@ -441,9 +441,8 @@ def _shift_by_padding(images: torch.Tensor, shifts: torch.Tensor, mode: str, fil
         src = src[0, 0, iy + top:iy + top + height + 1, ix + left:ix + left + width + 1]
         wx = frac[k, 0].to(images.dtype)
         wy = frac[k, 1].to(images.dtype)
-        row0 = torch.lerp(src[:height, :width], src[:height, 1:width + 1], wx)
-        row1 = torch.lerp(src[1:height + 1, :width], src[1:height + 1, 1:width + 1], wx)
-        torch.lerp(row0, row1, wy, out=out[k])
+        rows = torch.lerp(src[:, :width], src[:, 1:width + 1], wx)  # H + 1 rows blended along x once
+        torch.lerp(rows[:height], rows[1:], wy, out=out[k])
     if mode == "constant":
         px = torch.arange(width, dtype=torch.float64, device=images.device)[None, :] + shifts[:, :1]
         py = torch.arange(height, dtype=torch.float64, device=images.device)[None, :] + shifts[:, 1:]

@@ -105,7 +105,10 @@ class RegistrationCalculation(Step):
             x = x[:, rows, cols]
         if self.config.threshold is not None:
             x = (x <= self.config.threshold).to(torch.float32)
-        x = torch.nan_to_num(x)
+        # NaN (a fill of an earlier step) would spread through every FFT: zeros instead. The copy is only made
+        # where there is one (the sum is the cheapest full read that sees NaN and inf)
+        if x.is_floating_point() and not bool(torch.isfinite(x.sum())):  # sync: once per batch
+            x = torch.nan_to_num(x)
         p, q = self.config.nb_blocks
         h, w = x.shape[1] // p, x.shape[2] // q
         x = x[:, : p * h, : q * w].reshape(x.shape[0], p, h, q, w).permute(0, 1, 3, 2, 4)
