@@ -270,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
 def entry() -> None:
     """Console entry point. Everything is written and closed when `main` returns, so the process ends at once
     instead of spending half a second tearing torch down."""
+    from gpustack.malloc_tuning import tune
+
+    tune()  # before torch allocates anything
     code = main()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -53,3 +53,21 @@ def test_output_dir_keeps_the_project_folder_untouched(tmp_path):
 def test_info_runs(capsys):
     assert main(["info"]) == 0
     assert "auto device:" in capsys.readouterr().out
+
+
+def test_malloc_tuning_applies_on_glibc_and_leaves_user_settings(monkeypatch):
+    import os
+    import platform
+
+    import pytest
+
+    from gpustack import malloc_tuning
+
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
+    assert malloc_tuning.tune() is False  # the user's MALLOC_* settings win
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run([sys.executable, "-c", "from gpustack import malloc_tuning; print(malloc_tuning.tune())"],
+                         env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"

@@ -1,9 +1,10 @@
 """`registration_calculation` and `registration_transformation` (PEERS §1.5-1.6).
 
 The calculation runs as a statistics pass on the first channel: each slice is registered to the `references`
-slices before it (phase correlation on the device, or pystackreg), and the slices' positions are solved in least
-squares from all those measurements, weighted by their quality; with `references = 1` this is PyStack3D's
-pairwise chaining, whose error grows as a random walk. The result is saved as PyStack3D's `tmats.npy` (pairwise
+slices before it (on the device: by default `kernels/translation.py`'s correlation then Gauss-Newton moved by
+the median of tiles, robust to structures that change; or pystackreg), and the slices' positions are solved in
+least squares from all those measurements, weighted by their quality; with `references = 1` this is PyStack3D's
+pairwise chaining, whose error accumulates along the stack. The result is saved as PyStack3D's `tmats.npy` (pairwise
 matrices, (n, blocks, 3, 3)), so PyStack3D's own transformation step can read it, and the transformation step
 of a later run too.
 
