@@ -18,7 +18,7 @@ to the translation, weighted by their contrast; they drift slowly along the stac
 accumulates them. The median over tiles ignores the minority of tiles where structures change. Measured on the
 synthetic stack of benchmarks/bench_registration.py (901^2 slices, random-walk drift): per-pair error 0.035 px
 RMS per axis against 0.10-0.15 for a whole-slice fit (pystackreg: 0.11), and after 200 chained slices 1.8 px off
-at most, against 7.8 px for the correlation peak and 10.0 px for PyStack3D.
+at most, against 9.8 px for the correlation peak and 10.0 px for PyStack3D.
 
 Where the structures change fast relative to the slice (99^2 synthetic slices whose neighbours correlate at
 0.56-0.82, 3 x 3 tiles of 33 px), Gauss-Newton does worse than the correlation peak (2.1 px off after 100
