@@ -205,7 +205,9 @@ def _fine(prep: Prepared, mov: torch.Tensor, ref: torch.Tensor, start: torch.Ten
     safe = torch.where(usable, det, torch.ones_like(det))
     d = start.clone()
     for _ in range(iterations):
-        r = shift_images(moving, d, mode="edge").sub_(target)  # masked by gx, gy
+        # on the CPU, padded windows slice by slice (fastest there, one small sync per call); elsewhere the
+        # batched gathers, which never wait for the host
+        r = shift_images(moving, d, mode="edge", gather=moving.device.type != "cpu").sub_(target)  # masked by gx, gy
         b1, b2 = _tile_sums(gx * r, tiles), _tile_sums(gy * r, tiles)
         ux = torch.where(usable, (a22 * b1 - a12 * b2) / safe, torch.full_like(b1, float("nan")))
         uy = torch.where(usable, (a11 * b2 - a12 * b1) / safe, torch.full_like(b2, float("nan")))

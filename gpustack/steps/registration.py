@@ -4,9 +4,9 @@ The calculation runs as a statistics pass on the first channel: each slice is re
 slices before it (on the device: by default `kernels/translation.py`'s correlation then Gauss-Newton moved by
 the median of tiles, robust to structures that change; or pystackreg), and the slices' positions are solved in
 least squares from all those measurements, weighted by their quality; with `references = 1` this is PyStack3D's
-pairwise chaining, whose error accumulates along the stack. The result is saved as PyStack3D's `tmats.npy` (pairwise
-matrices, (n, blocks, 3, 3)), so PyStack3D's own transformation step can read it, and the transformation step
-of a later run too.
+pairwise chaining, whose error accumulates along the stack. The result is saved as PyStack3D's `tmats.npy`
+(pairwise matrices, (n, blocks, 3, 3)), so PyStack3D's own transformation step can read it, and the
+transformation step of a later run too.
 
 The transformation accumulates the matrices, removes a constant drift or a running average if asked, and warps
 every channel in batches on the device. Matrices follow skimage's `warp` convention (output pixel -> input pixel,
@@ -246,9 +246,10 @@ def _to_full_frame(mats: np.ndarray, origins: np.ndarray) -> np.ndarray:
 
 def measure_translations(ref: "torch.Tensor", mov: "torch.Tensor", *, upsample: int = 20,
                          refine: int = 0) -> tuple["torch.Tensor", "torch.Tensor"]:
-    """(dx, dy) of mov relative to ref for pairs (b, H, W), and their quality. Plain (not whitened, not windowed)
-    cross-correlation: on slices whose structures change from one to the next it is as accurate as pystackreg,
-    where phase correlation is thrown off (measured); `refine` Lucas-Kanade iterations follow if asked."""
+    """(dx, dy) of mov relative to ref for pairs (b, H, W), and their quality: `estimator = "correlation"`.
+    Plain (not whitened, not windowed) cross-correlation divided by the overlap: on slices whose structures change
+    from one to the next it is as accurate as pystackreg, where phase correlation is thrown off (measured);
+    `refine` Lucas-Kanade iterations follow if asked."""
     from gpustack.kernels.phase_correlation import estimate_shifts
 
     shift, quality = estimate_shifts(_padded(ref), _padded(mov), upsample=upsample, window=False, normalise=False,
