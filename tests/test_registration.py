@@ -17,13 +17,17 @@ from gpustack.synthetic import SyntheticSpec, generate, parse_name
 from tests.conftest import write_params
 
 
+def _drifting_stack(factory, n: int, size: int, seed: int):
+    """n slices of size² whose content changes from slice to slice, moved by a random walk (0.6 px per slice)."""
+    spec = SyntheticSpec(n_slices=n, height=size, width=size, seed=seed).without_defects(
+        noise_sigma=0.01, drift_sigma=0.6)
+    return generate(factory.mktemp("drift") / "stack", spec)
+
+
 @pytest.fixture(scope="module")
 def drifting(tmp_path_factory):
-    """100 slices whose content changes from slice to slice, moved by a random walk (0.6 px per slice)."""
-    root = tmp_path_factory.mktemp("drift")
-    spec = SyntheticSpec(n_slices=100, height=112, width=112, seed=3).without_defects(
-        noise_sigma=0.01, drift_sigma=0.6)
-    return generate(root / "stack", spec)
+    """100 slices of 112² (99² cropped)."""
+    return _drifting_stack(tmp_path_factory, 100, 112, 3)
 
 
 def _run(folder, text, **kwargs):
@@ -291,10 +295,7 @@ def test_rigid_body_through_the_runner_finds_no_rotation_in_a_shifted_stack(tmp_
 @pytest.fixture(scope="module")
 def drifting_large(tmp_path_factory):
     """30 slices of 544² (478² cropped): blocks of 2 x 2 are 239 px, large enough for the median of tiles."""
-    root = tmp_path_factory.mktemp("drift_large")
-    spec = SyntheticSpec(n_slices=30, height=544, width=544, seed=4).without_defects(
-        noise_sigma=0.01, drift_sigma=0.6)
-    return generate(root / "stack", spec)
+    return _drifting_stack(tmp_path_factory, 30, 544, 4)
 
 
 def test_blocks_are_estimated_and_warped_piecewise(tmp_path, drifting_large):
