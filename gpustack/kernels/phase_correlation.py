@@ -199,16 +199,9 @@ def _parabola(c0: torch.Tensor, cm: torch.Tensor, cp: torch.Tensor,
     return torch.where(good, off.clamp(-0.5, 0.5), torch.zeros_like(off))
 
 
-def _overlap_count(y: torch.Tensor, x: torch.Tensor, overlap: tuple[int, int] | None) -> torch.Tensor | float:
-    """Pixels two images of `overlap` = (h, w) share when one is moved by (y, x), at least 1 (1.0 if None)."""
-    if overlap is None:
-        return 1.0
-    return ((overlap[0] - y.abs()) * (overlap[1] - x.abs())).clamp_min(1.0)
-
-
 def _fine_search(q: torch.Tensor, size: tuple[int, int], cy: torch.Tensor,
                  cx: torch.Tensor, start: torch.Tensor, upsample: int, refine: bool,
-                 dtype: torch.dtype, overlap: tuple[int, int] | None = None) -> torch.Tensor:
+                 dtype: torch.dtype) -> torch.Tensor:
     """Maximum of the band-limited inverse DFT of q (b, H, W/2+1) near the integer
     positions (cy, cx) + start, start (b, 2) as (y, x): `upsample` points per pixel over
     +-0.75 px (two stages above 2 * _STAGE), then the parabola's vertex. Returns the
@@ -230,9 +223,6 @@ def _fine_search(q: torch.Tensor, size: tuple[int, int], cy: torch.Tensor,
         ky = _kernel_y(h, cy, offy, dtype)  # (b, m, H)
         kx = _kernel_x(w, cx, offx, dtype)  # (b, W/2+1, m)
         fine = torch.matmul(torch.matmul(ky, q), kx).real  # (b, m, m), rows = y
-        if overlap is not None:
-            ys, xs = cy[:, None].to(dtype) + offy, cx[:, None].to(dtype) + offx
-            fine = fine / _overlap_count(ys[:, :, None], xs[:, None, :], overlap)
         j = fine.reshape(b, -1).argmax(dim=1)
         jy, jx = j // m, j % m
         y, x = offy[rows, jy], offx[rows, jx]
@@ -260,7 +250,7 @@ def _correlation_at(cross: torch.Tensor, size: tuple[int, int], cy: torch.Tensor
 def estimate_shifts(ref: torch.Tensor, mov: torch.Tensor, *, upsample: int = 20,
                     window: bool = True, normalise: bool = True, eps: float = 1.0,
                     recentre: bool = True, refine: bool = True,
-                    dtype: torch.dtype = torch.float32, overlap: tuple[int, int] | None = None
+                    dtype: torch.dtype = torch.float32
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Translation of each mov[k] relative to ref[k] by (regularised) phase correlation.
 
@@ -272,10 +262,6 @@ def estimate_shifts(ref: torch.Tensor, mov: torch.Tensor, *, upsample: int = 20,
     correlation, floored at 1e-6 max|P|).
     recentre: with `window`, a second pass with the windows on the overlap.
     refine: parabolic vertex on the fine grid.
-    overlap: (h, w) of the images before they were zero-padded to (H, W) (with H >= h + the largest shift): the
-    plain correlation is divided by the number of pixels the shifted images share, which removes its bias
-    towards small shifts (the overlap shrinks as the shift grows; ~0.1 px at 2 px on 96 px), in the fine search
-    around the integer peak. Only with ``window=False, normalise=False``.
     dtype: compute dtype, torch.float32 (complex64) or torch.float64 (complex128).
     The module docstring details each step.
 
@@ -301,15 +287,12 @@ def estimate_shifts(ref: torch.Tensor, mov: torch.Tensor, *, upsample: int = 20,
         wins = (wy, wx, wy, wx)
     cross, q, energy_r, energy_m, constant = _cross_power(ref, mov, wins, normalise,
                                                           eps, dtype)
-    if overlap is not None and (window or normalise):
-        raise ValueError("overlap is for the plain correlation: window=False, normalise=False")
-    # the coarse peak un-normalised: divided by small overlaps, the far shifts are all noise
     idx = torch.fft.irfft2(q, s=(h, w)).reshape(b, -1).argmax(dim=1)
     cy, cx = idx // w, idx % w
     cy = torch.where(cy > h // 2, cy - h, cy)  # wrap-around: negative shifts
     cx = torch.where(cx > w // 2, cx - w, cx)
     zero = torch.zeros(b, 2, dtype=dtype, device=dev)
-    off = _fine_search(q, (h, w), cy, cx, zero, upsample, refine, dtype, overlap)
+    off = _fine_search(q, (h, w), cy, cx, zero, upsample, refine, dtype)
 
     # pass 2: windows on the overlap, fine search around the first estimate
     if window and recentre:
