@@ -226,3 +226,23 @@ def test_fit_and_halo_steps_give_the_same_answer_for_any_batch_size(tmp_path, mo
     assert with_slices == ["cropping", "cropping_final"]
     manifest = json.loads((tmp_path / "process" / "gpustack.json").read_text())
     assert manifest["steps"]["bkg_removal"]["pass_number"] == 2  # its statistics pass ran on cropping's output
+
+
+def test_statistics_of_written_integers_follow_from_the_output(device):
+    """min and max of what is written are derived from the output's (rounding and clipping are monotonic):
+    they must equal the statistics computed on the written values, clipping at both ends included."""
+    import torch
+
+    from gpustack.kernels.cast import to_storage
+    from gpustack.kernels.stats import slice_stats
+    from gpustack.pipeline.stream import _stored_stats
+
+    g = torch.Generator().manual_seed(3)
+    out = (torch.randn(4, 33, 47, generator=g) * 30000 + 30000).to(device)  # below 0 and above 65535 too
+    out[1] = 1234.5  # a constant slice, exactly halfway: rounds to even
+    stored = to_storage(out, torch.uint16, nan_possible=False)
+    derived = _stored_stats(stored, slice_stats(out, nan_aware=False), torch.uint16, nan_possible=False)
+    direct = slice_stats(stored, nan_aware=False)
+    assert torch.equal(derived[:, :2], direct[:, :2])
+    torch.testing.assert_close(derived[:, 2], direct[:, 2])
+    assert derived[1, 0].item() == 1234.0 and derived[0, 0].item() == 0.0 and derived[0, 1].item() == 65535.0

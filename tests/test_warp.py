@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from gpustack.kernels.warp import (
+    shift_images,
     translation_matrices,
     valid_mask,
     valid_region,
@@ -267,3 +268,16 @@ def test_warp_blocks_equals_warp_affine_for_equal_blocks_and_blends_between_cent
     grid[:, :, 0, 0, 2] = 2.0
     out = warp_blocks(ramp, grid, cy, cx, mode="edge")
     np.testing.assert_allclose(out[0, 20, [12, 24, 37]].cpu().numpy(), [14.0, 24.0 + 2 * 13 / 25, 37.0], atol=1e-4)
+
+
+@pytest.mark.parametrize("shift", [(12.3, -0.5), (-20.7, 3.2), (0.0, 0.0), (-1.0, 8.9), (3.5, -9.9)])
+@pytest.mark.parametrize("mode", ["edge", "constant"])
+def test_edge_blends_equal_the_gathers_even_beyond_the_slice(device, shift, mode):
+    """The two-blend path of shift_images (edge and constant modes on the CPU) against its gather path, with
+    shifts of more than the slice's size."""
+    x = torch.rand(3, 7, 9, generator=torch.Generator().manual_seed(1)).to(device)
+    shifts = torch.tensor([shift] * 3, dtype=torch.float64)
+    blended = shift_images(x, shifts, mode=mode)
+    gathered = shift_images(x, shifts, mode=mode, gather=True)
+    assert torch.equal(blended.isnan(), gathered.isnan())
+    torch.testing.assert_close(blended.nan_to_num(), gathered.nan_to_num(), rtol=0, atol=1e-6)

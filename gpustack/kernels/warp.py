@@ -416,9 +416,10 @@ _TORCH_PAD = {"constant": "replicate", "edge": "replicate", "reflect": "reflect"
 
 
 def _shift_by_padding(images: torch.Tensor, shifts: torch.Tensor, mode: str, fill: float) -> torch.Tensor:
-    """Bilinear shifts slice by slice: pad by the whole-pixel part (torch's pad has the numpy modes but
-    'symmetric'), take the shifted window and blend it with its neighbours by the fractional part. A few
-    passes over each slice instead of four gathers; the loop is over slices, not pixels."""
+    """Bilinear shifts slice by slice, a few passes over each slice instead of four gathers (the loop is over
+    slices, not pixels). 'edge' and 'constant': blend along x, then along y, straight from the slice, the edge
+    line copied where a tap falls outside. Other modes: pad by the whole-pixel part (torch's pad has the numpy
+    modes but 'symmetric'), take the shifted window and blend it with its neighbours by the fractional part."""
     b, height, width = images.shape
     base = torch.floor(shifts)
     frac = shifts - base
@@ -426,6 +427,15 @@ def _shift_by_padding(images: torch.Tensor, shifts: torch.Tensor, mode: str, fil
     base, frac = torch.where(up, base + 1, base), torch.where(up | (frac < TOL), 0.0, frac)
     base_host = base.to("cpu", torch.int64).tolist()  # sync: once per batch, b pairs of integers
     out = torch.empty_like(images)
+    if _TORCH_PAD[mode] == "replicate":  # edge values: two blends straight from the slice, no padded copy
+        frac = frac.to(images.dtype)
+        line = torch.empty_like(images[0])
+        for k, (ix, iy) in enumerate(base_host):
+            _blend_edge(images[k], ix, frac[k, 0], 1, line)
+            _blend_edge(line, iy, frac[k, 1], 0, out[k])
+        if mode == "constant":
+            _fill_outside(out, shifts, fill)
+        return out
     for k, (ix, iy) in enumerate(base_host):
         # the window [iy, iy + H] x [ix, ix + W] (one extra row and column for the blend) of the padded slice
         left, right = max(0, -ix), max(0, ix + width + 1 - width)
@@ -444,11 +454,32 @@ def _shift_by_padding(images: torch.Tensor, shifts: torch.Tensor, mode: str, fil
         rows = torch.lerp(src[:, :width], src[:, 1:width + 1], wx)  # H + 1 rows blended along x once
         torch.lerp(rows[:height], rows[1:], wy, out=out[k])
     if mode == "constant":
-        px = torch.arange(width, dtype=torch.float64, device=images.device)[None, :] + shifts[:, :1]
-        py = torch.arange(height, dtype=torch.float64, device=images.device)[None, :] + shifts[:, 1:]
-        outside = ((py < -TOL) | (py > height - 1 + TOL))[:, :, None] | ((px < -TOL) | (px > width - 1 + TOL))[:, None]
-        out = out.masked_fill_(outside, fill)
+        _fill_outside(out, shifts, fill)
     return out
+
+
+def _fill_outside(out: torch.Tensor, shifts: torch.Tensor, fill: float) -> None:
+    """`fill` where a shifted slice samples outside its input ('constant' mode), in place."""
+    b, height, width = out.shape
+    px = torch.arange(width, dtype=torch.float64, device=out.device)[None, :] + shifts[:, :1]
+    py = torch.arange(height, dtype=torch.float64, device=out.device)[None, :] + shifts[:, 1:]
+    outside = ((py < -TOL) | (py > height - 1 + TOL))[:, :, None] | ((px < -TOL) | (px > width - 1 + TOL))[:, None]
+    out.masked_fill_(outside, fill)
+
+
+def _blend_edge(x: torch.Tensor, i0: int, frac: torch.Tensor, dim: int, out: torch.Tensor) -> None:
+    """out[j] = lerp(x[clamp(j + i0)], x[clamp(j + i0 + 1)], frac) along `dim` of a 2D x, clamped to the edge:
+    one pass where both taps are inside, the edge line copied where they are not."""
+    n = x.shape[dim]
+    lo = min(max(0, -i0), n)  # from here both taps are inside ...
+    hi = max(min(n, n - 1 - i0), lo)  # ... up to here
+    if hi > lo:
+        torch.lerp(x.narrow(dim, lo + i0, hi - lo), x.narrow(dim, lo + i0 + 1, hi - lo), frac,
+                   out=out.narrow(dim, lo, hi - lo))
+    if lo > 0:  # both taps at or before the first line
+        out.narrow(dim, 0, lo).copy_(x.narrow(dim, 0, 1).expand_as(out.narrow(dim, 0, lo)))
+    if hi < n:  # both taps at or after the last line
+        out.narrow(dim, hi, n - hi).copy_(x.narrow(dim, n - 1, 1).expand_as(out.narrow(dim, hi, n - hi)))
 
 
 # ------------------------------------------------------------------------ blocks

@@ -178,8 +178,8 @@ def _commit(partial: Path, final: Path) -> None:
 
 
 def _prewarm_plotting() -> None:
-    """Import matplotlib while the first pass runs, not after it."""
-    import gpustack.report.stats  # noqa: F401
+    """Import matplotlib on the reporter thread while the first pass runs, not on the main thread before it."""
+    import gpustack.report.plotting  # noqa: F401
 
 
 def run(prepared: Prepared, *, device_choice: Any, overwrite: bool = False, show_progress: bool = True,
@@ -290,6 +290,15 @@ def run(prepared: Prepared, *, device_choice: Any, overwrite: bool = False, show
                 values = values[plan.upper]
         return values
 
+    def step_report(i: int, channel: str, run_: StepRun) -> None:
+        """The step's own outputs of a step whose report needs no statistics: rendered while the pass runs."""
+        step = steps[i]
+        outputs = (partials[i] if channel == "." else partials[i] / channel) / "outputs"
+        outputs.mkdir(parents=True, exist_ok=True)
+        prefix = step.name + ("" if channel == "." else f" [{channel}]")
+        step.write_report(Report(outputs, run_.state, None, list(prepared.names[i]), prepared.shapes[i],
+                                 prepared.shapes[i + 1], {}, lambda message: log(f"{prefix}: {message}")))
+
     def channel_report(i: int, channel: str, run_: StepRun) -> None:
         step = steps[i]
         names = list(prepared.names[i + 1] if step.reindexes else prepared.names[i])
@@ -304,6 +313,8 @@ def run(prepared: Prepared, *, device_choice: Any, overwrite: bool = False, show
         outputs = (partials[i] if channel == "." else partials[i] / channel) / "outputs"
         write_stats(outputs, run_.stats, names, step.name + ("" if channel == "." else f" - {channel}"),
                     beam_current=currents(channel, i + 1 if step.reindexes else i))
+        if not step.report_needs_pass:
+            return  # written by step_report during the pass
         prefix = step.name + ("" if channel == "." else f" [{channel}]")
         step.write_report(Report(outputs, run_.state, run_.stats, names, prepared.shapes[i], prepared.shapes[i + 1],
                                  run_.records, lambda message: log(f"{prefix}: {message}")))
@@ -358,6 +369,9 @@ def run(prepared: Prepared, *, device_choice: Any, overwrite: bool = False, show
                 if fit is not None and fit.fit_on_first_channel and c_index > 0:
                     fit = None
                 spec = PassSpec(source, runs, fit, push_region=bool(runs) and runs[0].region is not None)
+                for j, i in enumerate(indices):  # reports that need no statistics: on the reporter, meanwhile
+                    if steps[i].writes_slices and not steps[i].report_needs_pass:
+                        reports.setdefault(i, []).append(reporter.submit(step_report, i, channel, runs[j]))
                 label = f"[{number}/{len(passes)}] {' + '.join(labels)}" + ("" if channel == "." else f" [{channel}]")
                 if plan.reindex:
                     from gpustack.pipeline.reindex import run_reindex_pass

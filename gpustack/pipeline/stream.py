@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from gpustack.io.tiff import StackSource, read_slice, write_slice
-from gpustack.kernels.cast import to_storage
+from gpustack.kernels.cast import INT_RANGES, to_storage
 from gpustack.kernels.stats import slice_stats
 from gpustack.steps.base import Batch, Step
 
@@ -73,6 +73,22 @@ def _buffer(key: Any, shape: tuple[int, ...], dtype: torch.dtype, *, pin: bool,
 
 def release_buffers() -> None:
     _BUFFERS.clear()
+
+
+def _storage(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.untyped_storage().data_ptr()
+
+
+def _stored_stats(stored: torch.Tensor, out_stats: torch.Tensor, dtype: torch.dtype,
+                  nan_possible: bool) -> torch.Tensor:
+    """Statistics of what is written. For integers from data without NaN, min and max follow from the output's
+    (rounding and clipping are monotonic, so they commute with min and max): only the mean takes a pass."""
+    if dtype.is_floating_point or nan_possible:
+        return slice_stats(stored, nan_aware=dtype.is_floating_point and nan_possible)
+    lo, hi = INT_RANGES[dtype]
+    ends = out_stats[:, :2].round().clamp(lo, hi)
+    mean = stored.reshape(stored.shape[0], -1).mean(dim=1, dtype=torch.float32)
+    return torch.cat([ends, mean[:, None]], dim=1)
 
 
 def _nan_row(like: torch.Tensor) -> torch.Tensor:
@@ -131,6 +147,11 @@ def run_pass(spec: PassSpec, *, device: torch.device, batch_size: int, io_thread
             ring_writes[slot].append(future)
 
     scratch = _buffer("scratch", (window, *band), torch.float32, pin=False, device=device)
+    # integer input that the first step computes on: converted once, into a reused buffer, for the statistics
+    # of the input and for the step alike
+    converts_first = bool(runs) and runs[0].region is None and not spec.push_region
+    converted = (_buffer("converted", (window, *band), torch.float32, pin=False, device=device)
+                 if converts_first and not torch_in.is_floating_point else None)
 
     def stats_of(t: torch.Tensor, nan_aware: bool) -> torch.Tensor:
         """Integer slices are converted into a reused float32 buffer: no allocation (and page faults) per batch."""
@@ -159,6 +180,8 @@ def run_pass(spec: PassSpec, *, device: torch.device, batch_size: int, io_thread
             # Integer data stays integer (and exact) while steps only select pixels; the first step that
             # computes gets float32, and from then on what is written is rounded and clipped.
             nan_possible = source.dtype.kind == "f"
+            if converted is not None:
+                x = converted.view(-1)[: x.numel()].view(x.shape).copy_(x)
             stats = [_nan_row(x[core]) if spec.push_region else stats_of(x[core], nan_possible)]
             for j, r in enumerate(runs):
                 if r.region is not None and not (j == 0 and spec.push_region):
@@ -178,15 +201,16 @@ def run_pass(spec: PassSpec, *, device: torch.device, batch_size: int, io_thread
                 if out.dtype == r.out_dtype:  # integer here means untouched input pixels: written as they are
                     stored, stored_stats = out, out_stats
                 else:
-                    stored = to_storage(out.to(torch.float32), r.out_dtype)
-                    stored_stats = slice_stats(stored, nan_aware=r.out_dtype.is_floating_point and nan_possible)
+                    stored = to_storage(out.to(torch.float32), r.out_dtype, nan_possible=nan_possible)
+                    stored_stats = _stored_stats(stored, out_stats, r.out_dtype, nan_possible)
                 stats.append(stored_stats)
                 write(r, stored.to(r.out_dtype).cpu().numpy(), b0, b1, slot)  # sync: to the writer threads
             if spec.fit is not None:
                 if not x.is_floating_point():
                     x = x.to(torch.float32)
-                elif x.untyped_storage().data_ptr() == ring[slot].untyped_storage().data_ptr():
-                    x = x.clone()  # a fit may keep (a view of) its batch; the ring buffer will be refilled
+                elif x.untyped_storage().data_ptr() in (ring[slot].untyped_storage().data_ptr(),
+                                                        _storage(converted)):
+                    x = x.clone()  # a fit may keep (a view of) its batch; reused buffers will be refilled
                 spec.fit_partials.append(spec.fit.fit_batch(Batch(x, w0, core, names, n)))
             host_stats = torch.cat(stats, dim=1).cpu().numpy()  # sync: (batch, 3 + 6 per step) statistics
             for j, r in enumerate(runs):  # columns: input, then (output, written) per step

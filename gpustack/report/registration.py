@@ -47,7 +47,10 @@ def cumulate(pairwise: np.ndarray) -> np.ndarray:
 
 def _plot_components(path: Path, per_block: list[dict[str, np.ndarray]], title: str) -> None:
     keys = list(per_block[0])
-    fig = new_figure(3.6 * len(keys), 3.2)
+    # fixed margins: the constrained layout's solver took half of the plot's time
+    fig = new_figure(3.6 * len(keys), 3.2, layout=None)
+    fig.subplots_adjust(left=0.6 / (3.6 * len(keys)), right=1 - 0.2 / (3.6 * len(keys)), bottom=0.16, top=0.8,
+                        wspace=0.3)
     axes = np.atleast_1d(fig.subplots(1, len(keys)))
     for ax, key in zip(axes, keys):
         for b, comp in enumerate(per_block):

@@ -13,8 +13,6 @@ from pathlib import Path
 
 import numpy as np
 
-from gpustack.report.plotting import new_figure, save
-
 COLUMNS = [f"{stage}_{what}" for stage in ("input", "output", "written") for what in ("min", "max", "mean")]
 
 
@@ -35,6 +33,8 @@ def write_stats(outputs_dir: Path, stats: np.ndarray, names: list[str], title: s
 
 
 def plot_stats(path: Path, stats: np.ndarray, title: str) -> None:
+    from gpustack.report.plotting import new_figure, save  # matplotlib: on the reporter thread, not at start-up
+
     # Fixed margins instead of the constrained layout: one of these per step and channel, and the layout engine
     # is a third of its cost; the three panels and their labels fit these margins at any slice count.
     fig = new_figure(12, 3.6, layout=None)

@@ -50,11 +50,11 @@ class Batch:
 
 @dataclass
 class Report:
-    """What a step may use to write its own outputs after a pass (one per channel)."""
+    """What a step may use to write its own outputs after a pass, or during it (`report_needs_pass`), per channel."""
 
     outputs_dir: Path
     state: Any
-    stats: np.ndarray  # (n, 9): input, output and written min/max/mean per slice
+    stats: np.ndarray | None  # (n, 9): input, output and written min/max/mean per slice; None during a pass
     names: list[str]
     in_shape: tuple[int, int]
     out_shape: tuple[int, int]
@@ -74,6 +74,8 @@ class Step:
     may_make_nan: ClassVar[bool] = False  # True if outputs can hold NaN (e.g. 'constant' warps): NaN-aware stats
     depends_on: ClassVar[str | None] = None  # a step whose result `apply` needs (registration_transformation)
     reindexes: ClassVar[bool] = False  # changes the number of slices (resampling): `plan(slices)`, a pass of its own
+    # False: `write_report` needs only the state (no statistics or records), so it renders while the pass runs
+    report_needs_pass: ClassVar[bool] = True
 
     def __init__(self, config: Any):
         self.config = config

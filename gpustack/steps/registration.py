@@ -441,6 +441,7 @@ class RegistrationTransformation(Step):
     Config = RegistrationTransformationConfig
     depends_on = "registration_calculation"
     work_buffers = 4  # input, sampling grid (2 floats), output
+    report_needs_pass = False  # the cumulative transforms and the crop are known before the first slice
 
     def __init__(self, config: RegistrationTransformationConfig):
         super().__init__(config)
