@@ -206,7 +206,7 @@ def _fine(prep: Prepared, mov: torch.Tensor, ref: torch.Tensor, start: torch.Ten
     safe = torch.where(usable, det, torch.ones_like(det))
     d = start.clone()
     for _ in range(iterations):
-        # on the CPU, padded windows slice by slice (fastest there, one small sync per call); elsewhere the
+        # on the CPU, two blends slice by slice (fastest there, one small sync per call); elsewhere the
         # batched gathers, which never wait for the host
         r = shift_images(moving, d, mode="edge", gather=moving.device.type != "cpu").sub_(target)  # masked by gx, gy
         b1, b2 = _tile_sums(gx * r, tiles), _tile_sums(gy * r, tiles)
