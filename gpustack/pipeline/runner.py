@@ -344,7 +344,8 @@ def run(prepared: Prepared, *, device_choice: Any, overwrite: bool = False, show
                 if partials[i].exists():
                     shutil.rmtree(partials[i])
             shape_in = prepared.shapes[plan.first]
-            work = max([steps[i].work_buffers for i in indices] + [1]) + 2
+            # the steps' own buffers, plus the pass's: the statistics' scratch, the converted input, the output
+            work = max([steps[i].work_buffers for i in indices] + [1]) + 3
             batch = batch_size_for(device, 4 * shape_in[0] * shape_in[1] * work, budget=wf.memory_budget,
                                    requested=wf.batch_size)
             labels = [steps[i].name for i in indices] + ([f"statistics of {steps[plan.fit].name}"]
