@@ -170,8 +170,7 @@ def register_stack(stack: Any, *, references: int = 1, estimator: str = "tiles",
         first = max(0, s - references)  # the batch and the slices its pairs reach back to, prepared once
         prep = None
         if estimator == "tiles":
-            prep = translation.prepare(t[first:min(n, s + batch_size)], lk_bin=binning or None,
-                                       coarse_bin=2 * binning if binning else None)
+            prep = translation.prepare(t[first:min(n, s + batch_size)], lk_bin=binning or None)
         for d in range(1, references + 1):
             k = torch.arange(max(s, d), min(n, s + batch_size), device=t.device)
             if len(k) == 0:

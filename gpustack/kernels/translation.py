@@ -105,13 +105,16 @@ def _binned(x: torch.Tensor, factor: int) -> torch.Tensor:
 
 
 def prepare(x: torch.Tensor, *, coarse_bin: int | None = None, lk_bin: int | None = None) -> Prepared:
-    """The per-slice levels of x (n, H, W) (float32 is used for any input)."""
+    """The per-slice levels of x (n, H, W) (float32 is used for any input). Bins left None: `default_bins`, or
+    with only `lk_bin` given, a coarse level at twice its binning."""
     if x.ndim != 3 or min(x.shape[1:]) < 2:
         raise ValueError(f"slices must be (n, H, W) with H, W >= 2, got {tuple(x.shape)}")
     x = x.to(torch.float32)
-    auto_coarse, auto_lk = default_bins(*x.shape[1:])
-    lk_bin = auto_lk if lk_bin is None else max(1, int(lk_bin))
-    coarse_bin = auto_coarse if coarse_bin is None else max(1, int(coarse_bin))
+    if lk_bin is None:
+        auto_coarse, lk_bin = default_bins(*x.shape[1:])
+        coarse_bin = auto_coarse if coarse_bin is None else coarse_bin
+    lk_bin = max(1, int(lk_bin))
+    coarse_bin = 2 * lk_bin if coarse_bin is None else max(1, int(coarse_bin))
     fine = _binned(x, lk_bin).contiguous()
     # the coarse level from the fine one where the boxes nest (the same means, a quarter of the reads)
     coarse = _binned(fine, coarse_bin // lk_bin) if coarse_bin % lk_bin == 0 else _binned(x, coarse_bin)

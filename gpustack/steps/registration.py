@@ -132,10 +132,10 @@ class RegistrationCalculation(Step):
             ref = torch.stack([x[j] for _, j in pairs])
             mats, quality = _pystackreg_pairs(ref, mov, self.config.transformation)
         else:
-            shift, quality = self._measure(x, pairs)
+            flat = x.flatten(0, 1)  # (slices * blocks, h, w)
+            mov_i, ref_i = _pair_indices(pairs, blocks, flat.device)
+            shift, quality = self._measure(flat, mov_i, ref_i)
             if self.config.transformation != "TRANSLATION":
-                flat = x.flatten(0, 1)
-                mov_i, ref_i = _pair_indices(pairs, blocks, flat.device)
                 ref, mov = flat[ref_i], flat[mov_i]
                 from gpustack.kernels.affine_lk import estimate_affine
 
@@ -148,23 +148,17 @@ class RegistrationCalculation(Step):
         return {"k": [batch.start + r for r, _ in pairs], "d": [r - j for r, j in pairs], "mats": mats,
                 "quality": quality, "blocks": blocks, "n_total": batch.n_total, "shape": tuple(batch.data.shape[1:])}
 
-    def _measure(self, x: "torch.Tensor", pairs: list[tuple[int, int]]) -> tuple["torch.Tensor", "torch.Tensor"]:
-        """Translations (pairs * blocks, 2) and qualities of the pairs (mov, ref) of slices x (n, blocks, h, w)."""
-        import torch
-
+    def _measure(self, flat: "torch.Tensor", mov_i: "torch.Tensor", ref_i: "torch.Tensor"
+                 ) -> tuple["torch.Tensor", "torch.Tensor"]:
+        """Translations (pairs, 2) and qualities of the pairs (flat[mov_i], flat[ref_i])."""
         cfg = self.config
-        blocks = x.shape[1]
         if cfg.estimator == "correlation":
-            mov = torch.stack([x[r] for r, _ in pairs]).flatten(0, 1)
-            ref = torch.stack([x[j] for _, j in pairs]).flatten(0, 1)
             refine = cfg.refine if cfg.transformation == "TRANSLATION" else 0
-            return measure_translations(ref, mov, upsample=cfg.upsample, refine=refine)
+            return measure_translations(flat[ref_i], flat[mov_i], upsample=cfg.upsample, refine=refine)
         from gpustack.kernels import translation
 
         # each slice's binned copies, spectrum and gradients once, whatever the number of pairs it is in
-        prep = translation.prepare(x.flatten(0, 1), lk_bin=cfg.binning or None,
-                                   coarse_bin=2 * cfg.binning if cfg.binning else None)
-        mov_i, ref_i = _pair_indices(pairs, blocks, x.device)
+        prep = translation.prepare(flat, lk_bin=cfg.binning or None)
         return translation.measure(prep, mov_i, ref_i, iterations=cfg.iterations, tiles=cfg.tiles or None)
 
     def fit_reduce(self, partials: list[dict[str, Any]]) -> dict[str, Any]:
