@@ -6,10 +6,11 @@ The default TRANSLATION estimator of `registration_calculation`. Two stages, per
    not whitened) of copies binned by `coarse_bin` (box means); its peak to 1/20 px by Guizar-Sicairos' upsampled
    DFT. A start for the fine stage, which needs one within about a pixel; the pair's quality is the normalised
    correlation at the peak.
-2. **Fine**: Gauss-Newton on the intensities (Lucas & Kanade 1981, in the inverse-compositional form of Baker &
-   Matthews 2004: the Hessian comes from ref's gradient, computed once) on copies binned by `lk_bin`. At each
-   iteration the overlap of the pair is cut into `tiles` x `tiles` tiles, each tile solves its own 2x2 system for
-   the update, and the pair moves by the **median** of the tiles' updates (per axis).
+2. **Fine**: Newton on the intensities (Lucas & Kanade 1981, ref's gradients computed once as in the
+   inverse-compositional form of Baker & Matthews 2004, but with the cross Hessian of ref's and the warped mov's
+   gradients: see `_fine`) on copies binned by `lk_bin`. At each iteration the overlap of the pair is cut into
+   `tiles` x `tiles` tiles, each tile solves its own 2x2 system for the update, and the pair moves by the
+   **median** of the tiles' updates (per axis).
 
 Why the median of tiles: a translation of the whole slice moves every tile alike, while the structures that
 change between slices (a particle growing into another, a pore closing) move the intensities locally. One
@@ -189,32 +190,47 @@ def _overlap(n: int, d: torch.Tensor, margin: int, device: torch.device) -> torc
 
 def _fine(prep: Prepared, mov: torch.Tensor, ref: torch.Tensor, start: torch.Tensor, iterations: int,
           tiles: int) -> torch.Tensor:
-    """Gauss-Newton from `start` (p, 2) fine-level px, the median of the tiles' updates per iteration."""
+    """Newton from `start` (p, 2) fine-level px, the median of the tiles' updates per iteration.
+
+    Each tile solves C u = b with b = sum grad(ref) * (warped mov - ref) and the cross Hessian
+    C = sum grad(ref) grad(warped mov)^T. The usual inverse-compositional Hessian sum grad(ref) grad(ref)^T is
+    C only where the two slices share their edges; where structures changed between them (slices further
+    apart), the edges of one are not on the edges of the other, C is a fraction of it, and steps taken with it
+    fall short by that fraction: they stall near the coarse start, which the correlation peak pulls towards
+    zero. Measured on the registration benchmark's slices, pairs 3 to 6 slices apart: error 0.13-0.17 px RMS per
+    axis with C, 0.4-1.1 px with the usual Hessian; consecutive pairs alike (0.03 px). Tiles whose C is not
+    positive definite keep their say: leaving them out measured worse (0.18-0.34 px for those pairs)."""
     from gpustack.kernels.warp import shift_images
 
     target, gx, gy = prep.fine[ref], prep.grad_x[ref], prep.grad_y[ref]
     moving = prep.fine[mov]
     h, w = target.shape[1:]
-    # the overlap at the start (steps are small): fixed, so the tiles' Hessians are computed once; a border band
-    # is left out too, where content enters and leaves the field of view (measured: less drift along a stack)
+    # the overlap at the start (steps are small): fixed; a border band is left out too, where content enters and
+    # leaves the field of view (measured: less drift along a stack)
     margin = max(2, min(h, w) // 32)
     dev = target.device
     mask = _overlap(h, start[:, 1], margin, dev)[:, :, None] * _overlap(w, start[:, 0], margin, dev)[:, None]
     gx, gy = gx.mul_(mask), gy.mul_(mask)  # copies (indexed): in place
     a11, a12, a22 = _tile_sums(gx * gx, tiles), _tile_sums(gx * gy, tiles), _tile_sums(gy * gy, tiles)
-    det = a11 * a22 - a12 * a12
     trace = a11 + a22
     # a tile without texture in both directions (flat, or an edge along one axis) has no say
-    usable = det > 1e-4 * trace.square()
-    safe = torch.where(usable, det, torch.ones_like(det))
+    textured = a11 * a22 - a12 * a12 > 1e-4 * trace.square()
     d = start.clone()
+    nan = float("nan")
     for _ in range(iterations):
         # on the CPU, two blends slice by slice (fastest there, one small sync per call); elsewhere the
         # batched gathers, which never wait for the host
-        r = shift_images(moving, d, mode="edge", gather=moving.device.type != "cpu").sub_(target)  # masked by gx, gy
+        warped = shift_images(moving, d, mode="edge", gather=moving.device.type != "cpu")
+        mx, my = _central_differences(warped)
+        c11, c12 = _tile_sums(gx * mx, tiles), _tile_sums(gx * my, tiles)
+        c21, c22 = _tile_sums(gy * mx, tiles), _tile_sums(gy * my, tiles)
+        r = warped.sub_(target)  # masked by gx, gy
         b1, b2 = _tile_sums(gx * r, tiles), _tile_sums(gy * r, tiles)
-        ux = torch.where(usable, (a22 * b1 - a12 * b2) / safe, torch.full_like(b1, float("nan")))
-        uy = torch.where(usable, (a11 * b2 - a12 * b1) / safe, torch.full_like(b2, float("nan")))
+        det = c11 * c22 - c12 * c21
+        usable = textured & (det.abs() > 1e-4 * trace.square())
+        safe = torch.where(usable, det, torch.ones_like(det))
+        ux = torch.where(usable, (c22 * b1 - c12 * b2) / safe, torch.full_like(b1, nan))
+        uy = torch.where(usable, (c11 * b2 - c21 * b1) / safe, torch.full_like(b2, nan))
         step = torch.stack([ux.nanmedian(dim=1).values, uy.nanmedian(dim=1).values], dim=1).to(torch.float64)
         step = torch.nan_to_num(step, nan=0.0)  # no usable tile: no update
         step = step * (MAX_STEP / step.norm(dim=1, keepdim=True).clamp_min(MAX_STEP))

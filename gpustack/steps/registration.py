@@ -308,33 +308,41 @@ def _solve_translations(ks: np.ndarray, ds: np.ndarray, mats: np.ndarray, qualit
     """Positions p_k (p_0 = 0) from measured p_k - p_(k-d), robust weighted least squares per block; pairwise
     tmats back.
 
-    Weights are quality²; over a few rounds, measurements between slices further apart than 1 that disagree
-    with the solution by more than 3 robust standard deviations (structures that changed too much) are
-    down-weighted by Tukey's biweight; consecutive pairs keep their weight. A faint tie between consecutive
-    slices keeps a slice with no usable measurement where its neighbour is (identity) instead of leaving the
-    system singular.
+    Weights are quality² (measured against q² / (1 - q²) and the inverse variance from the spread of the tiles:
+    no better on the registration benchmark's stacks, 0.45 px at most after 200 slices against 0.58-0.61). The
+    first solution is the chain of consecutive pairs. A measurement between slices further apart must agree with
+    it within 4 robust standard deviations of the nearest such pairs, grown like the chain's random walk: a false
+    peak (tens of px off where structures no longer correlate) does not, and is dropped. Then, over a few rounds,
+    far measurements are down-weighted by Tukey's biweight of their residual; consecutive pairs keep their weight.
+    A faint tie between consecutive slices keeps a slice with no usable measurement where its neighbour is
+    (identity) instead of leaving the system singular.
     """
     blocks = mats.shape[1]
     tmats = np.tile(np.eye(3), (n, blocks, 1, 1))
     if n < 2:
         return tmats
-    tie = 1e-6
+    tie = 1e-9
     k_all = np.concatenate([ks, np.arange(1, n)])
     j_all = np.concatenate([ks - ds, np.arange(n - 1)])
+    dist = np.concatenate([ds, np.ones(n - 1, int)])
     for b in range(blocks):
         m_all = np.concatenate([mats[:, b, :2, 2], np.zeros((n - 1, 2))])
-        base = np.concatenate([np.where(quality[:, b] >= LOW_QUALITY, quality[:, b] ** 2, 0.0), np.full(n - 1, tie)])
-        w = base.copy()
-        dist = np.concatenate([ds, np.ones(n - 1, int)])
-        for _ in range(6):
-            positions = _solve_graph(k_all, j_all, w, m_all, n)
+        weight = np.where(quality[:, b] >= LOW_QUALITY, quality[:, b] ** 2, 0.0)
+        base = np.concatenate([weight, np.full(n - 1, tie * max(weight.max(initial=0.0), 1e-12))])
+        far = (base > 0) & (dist > 1)
+        w = np.where(far, 0.0, base)  # the chain first: a false peak far away cannot pull the start
+        positions = _solve_graph(k_all, j_all, w, m_all, n)
+        if far.any():
             resid = np.linalg.norm(positions[k_all] - positions[j_all] - m_all, axis=1)
-            far = (base > tie) & (dist > 1)  # consecutive pairs are the backbone and keep their weight
-            if not far.any():
-                break
-            scale = max(1.4826 * np.median(resid[base > tie]), 0.05)  # px
+            nearest = far & (dist == dist[far].min())
+            spread = 1.4826 * np.median(resid[nearest] / np.sqrt(dist[nearest]))
+            far &= resid <= 4 * spread * np.sqrt(dist) + 0.05
+        for _ in range(6 if far.any() else 0):
+            resid = np.linalg.norm(positions[k_all] - positions[j_all] - m_all, axis=1)
+            scale = max(1.4826 * np.median(resid[far]), 1e-6)
             u = resid / (3 * scale)
-            w = np.where(far, base * np.clip(1 - u ** 2, 0, None) ** 2, base)
+            w = np.where(far, base * np.clip(1 - u ** 2, 0, None) ** 2, np.where(dist > 1, 0.0, base))
+            positions = _solve_graph(k_all, j_all, w, m_all, n)
         steps = np.diff(positions, axis=0)
         tmats[1:, b, 0, 2] = steps[:, 0]
         tmats[1:, b, 1, 2] = steps[:, 1]
