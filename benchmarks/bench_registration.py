@@ -17,7 +17,6 @@ import argparse
 import json
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -116,12 +115,11 @@ def main() -> None:
             folder = base / f"{tool}-{'calc' if stage == 'warp' else stage}"
             times[tool, stage] = run_tool(tool, stage, folder, data, args.nproc)
             print(f"{tool:10s} {stage:5s} {times[tool, stage]:7.2f} s", flush=True)
-    t0 = time.perf_counter()
-    several = MODEL == "TRANSLATION"  # several references: translations only
-    if several:
-        times["gpustack-2ref", "calc"] = run_tool("gpustack", "calc", base / "gpustack-2ref", data, args.nproc,
-                                                  "references = 2\n")
-        print(f"gpustack references=2 calc {time.perf_counter() - t0:.2f} s", flush=True)
+    several = (4, 8) if MODEL == "TRANSLATION" else ()  # several references: translations only
+    for refs in several:
+        times[f"gpustack-{refs}ref", "calc"] = run_tool("gpustack", "calc", base / f"gpustack-{refs}ref", data,
+                                                        args.nproc, f"references = {refs}\n")
+        print(f"gpustack references={refs} calc {times[f'gpustack-{refs}ref', 'calc']:.2f} s", flush=True)
 
     rows = []
     for tool, label in (("gpustack", "gpustack (references = 1)"), ("pystack3d", f"PyStack3D (nproc={args.nproc})")):
@@ -157,13 +155,17 @@ def main() -> None:
     for label, crop, calc_t, warp_t, calc, warp, emax, erms, estep in rows:
         lines.append(f"| {label} | {crop:.2f} | {calc_t:.2f} | {warp_t:.2f} | {calc:.2f} | {warp:.2f} | {emax:.2f} | "
                      f"{erms:.2f} | {estep:.3f} |")
-    if several:
-        err2 = cumulative_error(base / "gpustack-2ref" / "process" / "registration_calculation" / "tmats.npy", data)
-        calc2 = times["gpustack-2ref", "calc"] - times["gpustack", "crop"]
-        lines.append(f"| gpustack (references = 2) | | {times['gpustack-2ref', 'calc']:.2f} | | {calc2:.2f} | | "
-                     f"{err2[0]:.2f} | {err2[1]:.2f} | {err2[2]:.3f} |")
-    lines += ["", f"PyStack3D / gpustack: estimation {p[4] / g[4]:.1f}x, warp {p[5] / g[5]:.1f}x, whole run "
-                  f"{p[3] / g[3]:.1f}x for the transformation run."]
+    ratios = []
+    for refs in several:
+        key = f"gpustack-{refs}ref"
+        err_r = cumulative_error(base / key / "process" / "registration_calculation" / "tmats.npy", data)
+        calc_r = times[key, "calc"] - times["gpustack", "crop"]
+        ratios.append(f"{p[4] / calc_r:.1f}x with references = {refs}")
+        lines.append(f"| gpustack (references = {refs}) | | {times[key, 'calc']:.2f} | | {calc_r:.2f} | | "
+                     f"{err_r[0]:.2f} | {err_r[1]:.2f} | {err_r[2]:.3f} |")
+    lines += ["", f"PyStack3D / gpustack: estimation {p[4] / g[4]:.1f}x"
+                  + "".join(f", {r}" for r in ratios)
+                  + f"; warp {p[5] / g[5]:.1f}x, whole run {p[3] / g[3]:.1f}x for the transformation run."]
     body = "\n".join(lines)
     print(body)
     if not args.quick:

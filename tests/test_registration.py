@@ -59,13 +59,12 @@ def _cumulative(process):
     ("correlation", 1, 2.5, 0.5, 0.5), ("correlation", 2, 2.5, 0.5, 0.5),
     ("tiles", 8, 2.5, 1.0, 0.75), ("correlation", 8, 3.5, 0.5, 0.75)])
 def test_random_walk_drift_is_recovered(tmp_path, drifting, estimator, references, after_100, after_40, per_step):
-    """This 99² stack's structures change so fast (neighbours correlate at 0.56-0.82) that Gauss-Newton on 3 x 3
-    tiles of 33 px does no better than the correlation peak. Measured, largest error per axis after 100 / after 40
-    slices: tiles 2.00 / 0.73 px, correlation 1.93 / 0.28 px; per step 0.63 and 0.46 px. On large slices the
-    tiles do better (RESULTS.md: 1.8 px after 200 slices of 901², correlation 9.8 px), and on one scene moved
-    they stay under 0.5 px after 100 slices (tests/test_translation.py). Pairs 4 or more slices apart no longer
-    correlate here (false peaks tens of px off): with 8 references they are dropped (measured: 2.1 and 3.0 px
-    after 100 slices; before the gate, 21 and 45 px)."""
+    """This 99² stack's structures change so fast (neighbours correlate at 0.56-0.82) that Newton on 3 x 3 tiles of
+    33 px does no better than the correlation peak. Measured, largest error per axis after 100 / after 40 slices:
+    tiles 2.34 / 0.79 px, correlation 1.93 / 0.24 px. On large slices the tiles do better (RESULTS.md), and on one
+    scene moved they stay under 0.5 px after 100 slices (tests/test_translation.py). Pairs 4 or more slices apart
+    no longer correlate here (false peaks tens of px off): with 8 references they are dropped (measured: 2.1 and
+    3.0 px after 100 slices; before the gate, 21 and 45 px)."""
     process, logs = _run(tmp_path, _params(drifting, '["cropping", "registration_calculation"]',
                                            f'references = {references}\nestimator = "{estimator}"'))
     est = _cumulative(process)

@@ -133,11 +133,12 @@ def prepare(x: torch.Tensor, *, coarse_bin: int | None = None, lk_bin: int | Non
                     coarse_bin, lk_bin)
 
 
-def _central_differences(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _central_differences(x: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """d/dx and d/dy of x (n, h, w) by central differences, 0 on the outer rows and columns (which the fine
-    stage's margin leaves out): one pass each, where torch.gradient takes several."""
-    gx = torch.zeros_like(x)
-    gy = torch.zeros_like(x)
+    stage's margin leaves out): one pass each, where torch.gradient takes several. `out`: buffers of x's shape
+    whose outer rows and columns are 0 already (reused across iterations: no new zero-filled arrays)."""
+    gx, gy = (torch.zeros_like(x), torch.zeros_like(x)) if out is None else out
     torch.sub(x[:, :, 2:], x[:, :, :-2], out=gx[:, :, 1:-1]).mul_(0.5)
     torch.sub(x[:, 2:], x[:, :-2], out=gy[:, 1:-1]).mul_(0.5)
     return gx, gy
@@ -211,21 +212,26 @@ def _fine(prep: Prepared, mov: torch.Tensor, ref: torch.Tensor, start: torch.Ten
     dev = target.device
     mask = _overlap(h, start[:, 1], margin, dev)[:, :, None] * _overlap(w, start[:, 0], margin, dev)[:, None]
     gx, gy = gx.mul_(mask), gy.mul_(mask)  # copies (indexed): in place
-    a11, a12, a22 = _tile_sums(gx * gx, tiles), _tile_sums(gx * gy, tiles), _tile_sums(gy * gy, tiles)
+    product = torch.empty_like(moving)
+
+    def tile_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # one buffer: no pages mapped per product
+        return _tile_sums(torch.mul(a, b, out=product), tiles)
+
+    a11, a12, a22 = tile_dot(gx, gx), tile_dot(gx, gy), tile_dot(gy, gy)
     trace = a11 + a22
     # a tile without texture in both directions (flat, or an edge along one axis) has no say
     textured = a11 * a22 - a12 * a12 > 1e-4 * trace.square()
     d = start.clone()
     nan = float("nan")
+    buffers = (torch.zeros_like(moving), torch.zeros_like(moving))
     for _ in range(iterations):
         # on the CPU, two blends slice by slice (fastest there, one small sync per call); elsewhere the
         # batched gathers, which never wait for the host
         warped = shift_images(moving, d, mode="edge", gather=moving.device.type != "cpu")
-        mx, my = _central_differences(warped)
-        c11, c12 = _tile_sums(gx * mx, tiles), _tile_sums(gx * my, tiles)
-        c21, c22 = _tile_sums(gy * mx, tiles), _tile_sums(gy * my, tiles)
+        mx, my = _central_differences(warped, buffers)
+        c11, c12, c21, c22 = tile_dot(gx, mx), tile_dot(gx, my), tile_dot(gy, mx), tile_dot(gy, my)
         r = warped.sub_(target)  # masked by gx, gy
-        b1, b2 = _tile_sums(gx * r, tiles), _tile_sums(gy * r, tiles)
+        b1, b2 = tile_dot(gx, r), tile_dot(gy, r)
         det = c11 * c22 - c12 * c21
         usable = textured & (det.abs() > 1e-4 * trace.square())
         safe = torch.where(usable, det, torch.ones_like(det))

@@ -1,7 +1,7 @@
 """`registration_calculation` and `registration_transformation` (PEERS §1.5-1.6).
 
 The calculation runs as a statistics pass on the first channel: each slice is registered to the `references`
-slices before it (on the device: by default `kernels/translation.py`'s correlation then Gauss-Newton moved by
+slices before it (on the device: by default `kernels/translation.py`'s correlation then Newton iterations moved by
 the median of tiles, robust to structures that change; or pystackreg), and the slices' positions are solved in
 least squares from all those measurements, weighted by their quality; with `references = 1` this is PyStack3D's
 pairwise chaining, whose error accumulates along the stack. The result is saved as PyStack3D's `tmats.npy`
@@ -46,15 +46,15 @@ class RegistrationCalculationConfig:
     references: int = param(1, integer(1, 16), "gpustack: register each slice to this many slices before it and "
                                               "solve positions in robust least squares (1: pairwise chaining)")
     estimator: str = param("tiles", choice("tiles", "correlation"),
-                           "gpustack, translations: tiles: correlation on a binned copy, then Gauss-Newton on the "
+                           "gpustack, translations: tiles: correlation on a binned copy, then Newton on the "
                            "intensities moved by the median of the tiles' updates (robust to structures that "
                            "change between slices); correlation: the cross-correlation peak (1/upsample px), then "
                            "`refine` whole-slice Gauss-Newton iterations")
     tiles: int = param(0, integer(0, 64), "gpustack, estimator tiles: tiles per side (0: about 48 px each at the "
                                           "binned size; 1: one least-squares fit over the whole slice)")
     binning: int = param(0, integer(0, 16), "gpustack, estimator tiles: pixels averaged per side before the "
-                                            "Gauss-Newton iterations (0: the slice's smaller side // 400)")
-    iterations: int = param(3, integer(0, 50), "gpustack, estimator tiles: Gauss-Newton iterations (0: the "
+                                            "Newton iterations (0: the slice's smaller side // 400)")
+    iterations: int = param(3, integer(0, 50), "gpustack, estimator tiles: Newton iterations (0: the "
                                                "correlation peak of the binned copy only)")
     upsample: int = param(20, integer(1, 1000), "gpustack, estimator correlation: sub-pixel precision of the "
                                                 "correlation peak, 1/upsample px")
