@@ -17,13 +17,14 @@ change between slices (a particle growing into another, a pore closing) move the
 least-squares fit over the whole slice, like the correlation peak or pystackreg's fit, adds those local motions
 to the translation, weighted by their contrast; they drift slowly along the stack, so chaining pairs
 accumulates them. The median over tiles ignores the minority of tiles where structures change. Measured on the
-synthetic stack of benchmarks/bench_registration.py (901^2 slices, random-walk drift): per-pair error 0.035 px
-RMS per axis against 0.10-0.15 for a whole-slice fit (pystackreg: 0.11), and after 200 chained slices 1.8 px off
-at most, against 9.8 px for the correlation peak and 10.0 px for PyStack3D.
+synthetic stack of benchmarks/bench_registration.py (901^2 slices, random-walk drift): per-pair error 0.03 px
+RMS per axis against 0.10-0.15 for a whole-slice fit (pystackreg: 0.11), and after 200 chained slices 1.5 px off
+at most, against 9.8 px for the correlation peak and 10.0 px for PyStack3D (0.42 px with 8 references: pairs up
+to 8 slices apart, which the cross Hessian of `_fine` measures without bias).
 
 Where the structures change fast relative to the slice (99^2 synthetic slices whose neighbours correlate at
-0.56-0.82, 3 x 3 tiles of 33 px), Gauss-Newton does no better than the correlation peak (2.0 and 1.9 px off
-after 100 slices, 0.7 and 0.3 px after 40): `registration_calculation`'s `estimator = "correlation"` is the
+0.56-0.82, 3 x 3 tiles of 33 px), Newton does no better than the correlation peak (2.3 and 1.9 px off after
+100 slices, 0.8 and 0.2 px after 40): `registration_calculation`'s `estimator = "correlation"` is the
 peak alone.
 
 Binning: pixels are averaged in `lk_bin` x `lk_bin` boxes; a shift measured there is `lk_bin` times smaller
