@@ -61,7 +61,7 @@ def _cumulative(process):
 def test_random_walk_drift_is_recovered(tmp_path, drifting, estimator, references, after_100, after_40, per_step):
     """This 99² stack's structures change so fast (neighbours correlate at 0.56-0.82) that Newton on 3 x 3 tiles of
     33 px does no better than the correlation peak. Measured, largest error per axis after 100 / after 40 slices:
-    tiles 2.34 / 0.79 px, correlation 1.93 / 0.24 px. On large slices the tiles do better (RESULTS.md), and on one
+    tiles 2.33 / 0.81 px, correlation 1.93 / 0.24 px. On large slices the tiles do better (RESULTS.md), and on one
     scene moved they stay under 0.5 px after 100 slices (tests/test_translation.py). Pairs 4 or more slices apart
     no longer correlate here (false peaks tens of px off): with 8 references they are dropped (measured: 2.1 and
     3.0 px after 100 slices; before the gate, 21 and 45 px)."""
