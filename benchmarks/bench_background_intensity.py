@@ -393,7 +393,9 @@ def main() -> None:
 
     load_after = os.getloadavg()
     profiles: dict[str, dict[str, float]] = {}
-    if not args.no_profile:
+    if not args.no_profile and not Path(python()).with_name("py-spy").exists():
+        print("py-spy is not installed beside this python: no profile (pip install py-spy)", flush=True)
+    elif not args.no_profile:
         for name in ("gpustack bkg", "gpustack int"):
             print(f"py-spy profile of {name} (warm) ...", flush=True)
             c = runs[name]

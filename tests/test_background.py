@@ -128,7 +128,59 @@ def test_convergence_is_per_slice(device):
     assert iters.max() > iters.min()
     for k in range(3):
         alone = robust.fit(basis, yt[k:k + 1], vt[k:k + 1], norm="Hampel")
-        torch.testing.assert_close(together.coefs[k], alone.coefs[0], rtol=1e-5, atol=1e-3)
+        assert alone.iterations[0] == together.iterations[k]
+        # Same fitted surface up to float32 rounding of the batched sums (measured 2e-4; the noise sigma is 10).
+        surface = a @ (together.coefs[k] - alone.coefs[0]).cpu().numpy()
+        assert np.sqrt(np.mean(surface ** 2)) < 1e-3
+
+
+def _bright_structures(b=4, n=60, seed=3):
+    """A plane under bright discs of 3-13 % of the width: residuals far from normal, where plain IRLS crawls."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:n, 0:n] / (n - 1)
+    a = np.stack([np.ones(n * n), yy.ravel(), xx.ravel(), (xx * yy).ravel()], 1)
+    ys = []
+    for _ in range(b):
+        img = 1000 + 300 * xx - 200 * yy + 100 * xx * yy + rng.normal(0, 5, xx.shape)
+        for _ in range(20):
+            cy, cx, r = rng.uniform(0, 1, 3)
+            img += 3000 * rng.uniform(0.2, 1) * ((yy - cy) ** 2 + (xx - cx) ** 2 < (0.03 + 0.1 * r) ** 2)
+        ys.append(img.ravel())
+    return a, np.array(ys)
+
+
+def test_accelerated_irls_reaches_the_plain_fixed_point_in_fewer_steps(device):
+    a, y = _bright_structures()
+    basis = robust.Basis(torch.from_numpy(a).to(device))
+    yt = torch.from_numpy(y).float().to(device)
+    valid = torch.ones_like(yt, dtype=torch.bool)
+    plain = robust.fit(basis, yt, valid, accelerate=False, maxiter=2000, tol=1e-7)  # the fixed point, tightly
+    fast = robust.fit(basis, yt, valid)
+    plain_default = robust.fit(basis, yt, valid, accelerate=False)
+    # measured: 43 iterations in all against 125 plain (42, 16, 25, 42), scales 300-500
+    assert int(fast.iterations.sum()) <= 0.5 * int(plain_default.iterations.sum())
+    surface = a @ (fast.coefs - plain.coefs).cpu().numpy().T
+    rms = np.sqrt(np.mean(surface ** 2, axis=0))
+    assert np.all(rms < 0.01 * plain.scale.cpu().numpy()), rms  # measured up to 0.21 grey levels
+
+
+def test_gram_products_chunked_or_cached_agree(device):
+    a, y = _bright_structures(b=3)
+    basis = robust.Basis(torch.from_numpy(a).to(device))
+    assert basis.outer is not None  # 3600 samples x 16 products: cached
+    yt = torch.from_numpy(y).float().to(device)
+    valid = torch.ones_like(yt, dtype=torch.bool)
+    cached = robust.fit(basis, yt, valid)
+    w = torch.rand_like(yt)
+    gram, rhs = robust._gram(basis, w, yt)
+    basis.outer = None  # as for a basis too large to cache
+    chunked = robust.fit(basis, yt, valid)
+    torch.testing.assert_close(chunked.coefs, cached.coefs, rtol=1e-6, atol=1e-6)
+    gram_chunks, rhs_chunks = robust._gram(basis, w, yt, chunk=16 * 500)  # 8 chunks of 500 samples
+    torch.testing.assert_close(gram_chunks, gram, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(rhs_chunks, rhs)
+    q = basis.q.double()
+    torch.testing.assert_close(gram, torch.einsum("bs,si,sj->bij", w.double(), q, q), rtol=1e-5, atol=1e-4)
 
 
 def test_unfittable_rows_are_flagged_not_guessed(device):

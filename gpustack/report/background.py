@@ -61,7 +61,15 @@ def _plot_coefs(path: Path, coefs: np.ndarray, powers) -> None:
     q = len(powers)
     cols = math.ceil(math.sqrt(q))
     rows = math.ceil(q / cols)
-    fig = new_figure(3.2 * cols, 2.4 * rows)
+    width, height = 3.2 * cols, 2.4 * rows
+    # Fixed margins and gaps in inches, so that they hold for any grid, instead of the constrained layout's
+    # solver, which took half of the plot's time.
+    left, right, bottom, top, wgap, hgap = 0.6, 0.15, 0.45, 0.55, 0.65, 0.65
+    axes_w = (width - left - right - (cols - 1) * wgap) / cols
+    axes_h = (height - bottom - top - (rows - 1) * hgap) / rows
+    fig = new_figure(width, height, layout=None)
+    fig.subplots_adjust(left=left / width, right=1 - right / width, bottom=bottom / height, top=1 - top / height,
+                        wspace=wgap / axes_w, hspace=hgap / axes_h)
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
     frames = np.arange(len(coefs))
     for k, ax in enumerate(axes):
@@ -96,17 +104,18 @@ def _thumbnail_backgrounds(step: BkgRemoval, coefs: np.ndarray, n: int, shape: t
 
 def _write_thumbnails(folder: Path, step: BkgRemoval, coefs: np.ndarray, names: list[str],
                       shape: tuple[int, int]) -> None:
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageFont
 
     folder.mkdir(parents=True, exist_ok=True)
+    font = ImageFont.load_default()  # once: text() would look it up for every thumbnail
     backgrounds = _thumbnail_backgrounds(step, np.nan_to_num(coefs), len(names), shape)
     for name, bkg, c in zip(names, backgrounds, coefs):
         vmin, vmax = float(bkg.min()), float(bkg.max())
         grey = np.zeros(bkg.shape, np.uint8) if vmax <= vmin else np.round(255 * (bkg - vmin) / (vmax - vmin))
         image = Image.fromarray(grey.astype(np.uint8)).convert("RGB")
         text = f"vmin={vmin:.1f}\nvmax={vmax:.1f}" if np.isfinite(c).all() else "not fitted"
-        ImageDraw.Draw(image).text((1, 1), text, fill=(255, 0, 0))
-        image.save(folder / (Path(name).stem + ".png"))
+        ImageDraw.Draw(image).text((1, 1), text, fill=(255, 0, 0), font=font)
+        image.save(folder / (Path(name).stem + ".png"), compress_level=1)  # tiny files: speed over size
 
 
 def _plot_profiles(path: Path, profiles: np.ndarray, axis: str) -> None:
@@ -115,7 +124,8 @@ def _plot_profiles(path: Path, profiles: np.ndarray, axis: str) -> None:
         lo = np.nanmin(profiles[:, :, 0], axis=0)
         hi = np.nanmax(profiles[:, :, 1], axis=0)
         mean = np.nanmean(profiles[:, :, 2], axis=0)
-    fig = new_figure(12, 3.6)
+    fig = new_figure(12, 3.6, layout=None)  # the margins of the stats.png plots: same panels, no layout solver
+    fig.subplots_adjust(left=0.07, right=0.99, bottom=0.15, top=0.83, wspace=0.28)
     axes = fig.subplots(1, 3)
     for ax, what, values in zip(axes, ("Min", "Max", "Mean"), (lo, hi, mean)):
         ax.plot(values[0], label="input", lw=1)
