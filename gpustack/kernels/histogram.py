@@ -28,13 +28,21 @@ def slice_cdfs(x: torch.Tensor, bins: int = FINE_BINS) -> dict[str, torch.Tensor
     else:
         count = torch.full((b,), x.shape[1] * x.shape[2], dtype=torch.int64, device=x.device)
     span = (hi - lo).clamp_min(torch.finfo(torch.float32).tiny)
-    # One bincount over every slice at once: bin index + slice * bins; NaN pixels go to a last, dropped bin.
-    t = (x - lo[:, None, None]).mul_((bins / span)[:, None, None]).nan_to_num_(0.0).clamp_(0, bins - 1)
-    idx = t.to(torch.int32).add_((torch.arange(b, dtype=torch.int32, device=x.device) * bins)[:, None, None])
+    # One bincount over every slice at once, bin index + slice * (bins + 1): bin `bins` holds the pixels at hi
+    # (and float32 rounding just past it) and is folded into the last bin; NaN pixels go to a last, dropped
+    # bin. The index costs one fused multiply-add and one conversion: (x - lo) * s >= 0 up to rounding, and
+    # the conversion truncates a rounding -0.0001 to bin 0.
+    s = (bins / span)[:, None, None]
+    t = torch.addcmul((-lo)[:, None, None] * s, x, s)
+    if finite is not None:
+        t.nan_to_num_(0.0)
+    idx = t.to(torch.int32).clamp_(max=bins).add_((torch.arange(b, dtype=torch.int32, device=x.device)
+                                                   * (bins + 1))[:, None, None])
     del t
     if finite is not None:
-        idx = torch.where(finite, idx, b * bins)
-    hist = torch.bincount(idx.view(-1), minlength=b * bins + 1)[: b * bins].view(b, bins)
+        idx = torch.where(finite, idx, b * (bins + 1))
+    hist = torch.bincount(idx.view(-1), minlength=b * (bins + 1) + 1)[: b * (bins + 1)].view(b, bins + 1)
+    hist = torch.cat([hist[:, : bins - 1], hist[:, bins - 1:].sum(dim=1, keepdim=True)], dim=1)
     cum = torch.cumsum(hist.to(torch.float64), dim=1) / count.clamp_min(1)[:, None]
     cdf = torch.cat([torch.zeros_like(cum[:, :1]), cum], dim=1)
     return {"lo": lo, "hi": hi, "count": count, "cdf": cdf}
@@ -110,13 +118,23 @@ def running_median(values: torch.Tensor, size: int, chunk: int = 1 << 24) -> tor
 def apply_maps(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, lut: torch.Tensor,
                active: torch.Tensor) -> torch.Tensor:
     """Map every pixel of x (b, H, W) through its slice's tabulated map lut (b, B + 1) over [lo, hi], linearly
-    between the table's points; slices with active False, and NaN pixels, are returned as they are."""
+    between the table's points; slices with active False, and NaN pixels, are returned as they are.
+
+    Written for few passes over the batch: the position in the table is one multiply-add, the table and its
+    slopes are looked up by one int32 index into all slices' tables at once (index_select takes int32, gather
+    would need an int64 copy of the index), and the fraction is taken in place.
+    """
     b = x.shape[0]
     bins = lut.shape[1] - 1
-    span = (hi - lo).clamp_min(torch.finfo(torch.float32).tiny)
-    u = ((x - lo[:, None, None]) / span[:, None, None] * bins).nan_to_num(0.0).clamp(0, bins).reshape(b, -1)
-    i = u.floor().clamp(max=bins - 1)
-    f = u - i
-    i = i.long()
-    y = torch.lerp(lut.gather(1, i), lut.gather(1, i + 1), f).view_as(x)
-    return torch.where(active[:, None, None] & torch.isfinite(x), y, x)
+    lut = lut.to(x.dtype)
+    # value and slope per table point; the point at hi (u = bins) gets a zero slope, so no clamp below bins
+    slope = torch.cat([lut.diff(dim=1), torch.zeros_like(lut[:, :1])], dim=1)
+    s = (bins / (hi - lo).clamp_min(torch.finfo(torch.float32).tiny)).to(x.dtype)[:, None, None]
+    u = torch.addcmul((-lo.to(x.dtype))[:, None, None] * s, x, s).nan_to_num_(0.0).clamp_(0, bins)
+    idx = u.to(torch.int32).add_((torch.arange(b, dtype=torch.int32, device=x.device) * (bins + 1))[:, None, None])
+    frac = u.frac_()
+    y = lut.reshape(-1).index_select(0, idx.view(-1)).view_as(x)
+    y.addcmul_(frac, slope.reshape(-1).index_select(0, idx.view(-1)).view_as(x))
+    # x == x is False only for NaN: one comparison where isfinite takes four passes on the CPU (±inf pixels
+    # are mapped to the ends of the table)
+    return torch.where(active[:, None, None] & (x == x), y, x)

@@ -346,8 +346,10 @@ def run(prepared: Prepared, *, device_choice: Any, overwrite: bool = False, show
             shape_in = prepared.shapes[plan.first]
             # the steps' own buffers, plus the pass's: the statistics' scratch, the converted input, the output
             work = max([steps[i].work_buffers for i in indices] + [1]) + 3
+            halo = sum(sum(steps[i].halo) for i in indices) + (sum(steps[plan.fit].fit_halo)
+                                                               if plan.fit is not None else 0)
             batch = batch_size_for(device, 4 * shape_in[0] * shape_in[1] * work, budget=wf.memory_budget,
-                                   requested=wf.batch_size)
+                                   requested=wf.batch_size, plane_bytes=4 * shape_in[0] * shape_in[1], halo=halo)
             labels = [steps[i].name for i in indices] + ([f"statistics of {steps[plan.fit].name}"]
                                                         if plan.fit is not None else [])
             fit_partials: dict[str, list] = {}

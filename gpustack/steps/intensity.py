@@ -130,11 +130,14 @@ class IntensityRescaling(Step):
         return state
 
     def apply(self, batch: Batch, state: dict[str, Any]) -> torch.Tensor:
+        import torch
+
         from gpustack.kernels.histogram import apply_maps
 
         rows = slice(batch.start, batch.start + batch.data.shape[0])
         if "gain" in state:  # a line: no table lookup needed
-            return batch.data * state["gain"][rows, None, None] + state["offset"][rows, None, None]
+            # one fused pass (multiply and add would each allocate and fill a batch)
+            return torch.addcmul(state["offset"][rows, None, None], batch.data, state["gain"][rows, None, None])
         return apply_maps(batch.data, state["lo"][rows], state["hi"][rows], state["lut"][rows],
                           state["active"][rows])
 
