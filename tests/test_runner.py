@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,6 +153,41 @@ def test_failure_mid_run_leaves_no_step_folder(tmp_path, monkeypatch):
     with pytest.raises(InputError, match="slice_0004"):
         run(prepared, device_choice=CPU, show_progress=False, log=lambda m: None)
     assert sorted(p.name for p in (tmp_path / "process").iterdir()) == ["gpustack.json"]
+
+
+def test_a_pass_reads_the_previous_step_before_its_reports_and_commit(tmp_path, monkeypatch):
+    """Pass 2 (intensity_rescaling) reads cropping's slices from its partial folder instead of waiting for its
+    plots and commit; cropping is committed after pass 2, so a failure there leaves no step folder."""
+    write_stack(tmp_path, n=6)
+    params = write_params(tmp_path, 'process_steps = ["cropping", "intensity_rescaling"]\nbatch_size = 2\n'
+                          "[cropping]\narea = [0, 30, 0, 20]\n")
+    from gpustack.pipeline import stream
+
+    real, folders = stream.read_slice, set()
+
+    def recording(info, out, rows=None):
+        folders.add(info.path.parent.name)
+        real(info, out, rows)
+
+    monkeypatch.setattr(stream, "read_slice", recording)
+    assert run_params(params).ran == ["cropping", "intensity_rescaling"]
+    assert ".partial-cropping" in folders and "cropping" not in folders
+    process = tmp_path / "process"
+    assert sorted(p.name for p in process.iterdir()) == ["cropping", "gpustack.json", "intensity_rescaling"]
+    assert (process / "cropping" / "outputs" / "stats.png").exists()
+    manifest = json.loads((process / "gpustack.json").read_text())
+    assert manifest["steps"]["cropping"]["status"] == "complete"
+
+    def failing(info, out, rows=None):
+        if info.path.parent.name == ".partial-cropping" and info.name == "slice_0004.tif":
+            raise InputError(f"{info.path}: cannot read the slice (disk error)")
+        real(info, out, rows)
+
+    monkeypatch.setattr(stream, "read_slice", failing)
+    shutil.rmtree(process)
+    with pytest.raises(InputError, match="slice_0004"):
+        run_params(params)
+    assert sorted(p.name for p in process.iterdir()) == ["gpustack.json"]
 
 
 def test_history_starts_from_the_last_done_step(tmp_path):

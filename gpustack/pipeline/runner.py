@@ -245,7 +245,7 @@ def run(prepared: Prepared, *, device_choice: Any, overwrite: bool = False, show
     timings: dict[str, float] = {}
     partials: dict[int, Path] = {}
     # Statistics files, plots and the swap of finished step folders run on a reporter thread while the next
-    # pass computes; a pass waits only for the folder it reads.
+    # pass computes; a pass reads its source step's slices from that step's partial folder if need be.
     reporter = ThreadPoolExecutor(1, thread_name_prefix="gpustack-report")
     reporter.submit(_prewarm_plotting)
     finishing: dict[int, Future] = {}
@@ -331,10 +331,14 @@ def run(prepared: Prepared, *, device_choice: Any, overwrite: bool = False, show
                              shape_out=list(prepared.shapes[i + 1]))
         manifest.save()
 
+    # A step's folder is committed (renamed from its partial name, recorded in the manifest) once its reports
+    # are written. A later pass reads the step's slices from the partial folder instead of waiting for that, so
+    # the step is committed only after the last pass that reads it.
+    last_reader = {plan.source_step: number for number, plan in enumerate(passes, 1) if plan.source_step is not None}
+    deferred: dict[int, tuple] = {}
+
     try:
         for number, plan in enumerate(passes, 1):
-            if plan.source_step in finishing:
-                finishing[plan.source_step].result()
             pass_start = time.perf_counter()
             indices = list(range(plan.first, plan.stop))
             writes = {i for i in indices if steps[i].writes_slices
@@ -358,7 +362,9 @@ def run(prepared: Prepared, *, device_choice: Any, overwrite: bool = False, show
                 if plan.source_step is None:
                     source = prepared.sources[channel]
                 else:
-                    source, _ = open_channel(process / steps[plan.source_step].name, channel)
+                    folder = (partials[plan.source_step] if plan.source_step in deferred
+                              else process / steps[plan.source_step].name)
+                    source, _ = open_channel(folder, channel)
                 out_dtype = torch.float32 if wf.output_dtype == "float32" else torch_dtype[str(source.dtype)]
                 runs = []
                 for i in indices:
@@ -403,9 +409,14 @@ def run(prepared: Prepared, *, device_choice: Any, overwrite: bool = False, show
                 states[plan.fit] = {c: reduced.get(c, reduced.get(channels[0])) for c in channels}
                 bind_dependents(plan.fit, states[plan.fit])
             elapsed = time.perf_counter() - pass_start
+            if last_reader.get(plan.source_step) == number and plan.source_step in deferred:
+                finishing[plan.source_step] = reporter.submit(finish_step, *deferred.pop(plan.source_step))
             for i in indices:
                 timings[steps[i].name] = elapsed
-                finishing[i] = reporter.submit(finish_step, i, number, indices, writes, elapsed)
+                if last_reader.get(i, 0) > number:
+                    deferred[i] = (i, number, indices, writes, elapsed)
+                else:
+                    finishing[i] = reporter.submit(finish_step, i, number, indices, writes, elapsed)
         for future in finishing.values():
             future.result()
     finally:

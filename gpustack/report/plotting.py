@@ -20,5 +20,6 @@ def new_figure(width: float = 10, height: float = 4, **kwargs) -> Figure:
 def save(fig: Figure, path: Path) -> None:
     """Write atomically: a reader never sees half a PNG."""
     tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=DPI, format="png")
+    # zlib level 1: a third of the plot's time went into level 6's compression, for files ~1.5x smaller
+    fig.savefig(tmp, dpi=DPI, format="png", pil_kwargs={"compress_level": 1})
     tmp.replace(path)
