@@ -137,4 +137,4 @@ def apply_maps(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, lut: torch.T
     y.addcmul_(frac, slope.reshape(-1).index_select(0, idx.view(-1)).view_as(x))
     # x == x is False only for NaN: one comparison where isfinite takes four passes on the CPU (±inf pixels
     # are mapped to the ends of the table)
-    return torch.where(active[:, None, None] & (x == x), y, x)
+    return torch.where(active[:, None, None] & (x == x), y, x)  # noqa: PLR0124

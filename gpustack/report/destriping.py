@@ -34,7 +34,8 @@ def write_destriping_report(report: Report, config: DestripingConfig) -> None:
         report.warn(f"{int((weight == 0).sum())} of {len(weight)} slice(s) measured no stripes (ratio < {lo:g}) "
                     f"and were left as they are; {int((weight >= 1).sum())} fully corrected")
     k = np.arange(len(ratio))
-    fig = new_figure(10, 6)
+    fig = new_figure(10, 6, margins=(0.8, 0.8, 0.55, 0.45))  # right: the iterations axis
+    fig.subplots_adjust(hspace=0.12)
     top, bottom = fig.subplots(2, 1, sharex=True)
     if gated:
         top.plot(k, ratio, ".-", lw=0.8, ms=3, label="stripe ratio (about 1 without stripes)")

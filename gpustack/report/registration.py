@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from matplotlib.patches import Rectangle
 
-from gpustack.report.plotting import new_figure, save
+from gpustack.report.plotting import SINGLE, new_figure, save
 
 if TYPE_CHECKING:
     from gpustack.steps.base import Report
@@ -79,7 +79,7 @@ def write_calculation_report(step: "RegistrationCalculation", report: "Report") 
                      "registration_calculation: slice k against slice k-1")
     _plot_components(out / "tmats_cumul_evol.png", [components(cumulate(tmats[:, b]), t) for b in blocks],
                      "registration_calculation: cumulative")
-    fig = new_figure(8, 3.2)
+    fig = new_figure(8, 3.2, margins=SINGLE)
     ax = fig.subplots()
     ax.plot(quality.min(axis=1), ".-", ms=3, lw=0.8)
     ax.axhline(0.1, color="grey", ls="--", lw=0.8)
@@ -112,7 +112,7 @@ def write_transformation_report(step: "RegistrationTransformation", report: "Rep
         rows, cols = step._crop
         height, width = report.in_shape
         (out / "inds_crop.txt").write_text(f"{rows.start} {rows.stop} {cols.start} {cols.stop}\n")
-        fig = new_figure(5, 5 * height / max(1, width))
+        fig = new_figure(5, 5 * height / max(1, width), margins=SINGLE)
         ax = fig.subplots()
         ax.add_patch(Rectangle((cols.start, rows.start), cols.stop - cols.start, rows.stop - rows.start,
                                fill=False, color="red"))

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from gpustack.report.plotting import new_figure, save
+from gpustack.report.plotting import SINGLE, new_figure, save
 
 if TYPE_CHECKING:
     from gpustack.steps.base import Report
@@ -17,7 +17,7 @@ def write_resampling_report(report: Report) -> None:
     plan, out = report.state, report.outputs_dir
     np.save(out / "zpos_in.npy", plan.z_in)
     np.save(out / "zpos_out.npy", plan.z_out)
-    fig = new_figure(8, 4)
+    fig = new_figure(8, 4, margins=SINGLE)
     ax = fig.subplots()
     ax.plot(plan.z_in, ".", ms=3, label=f"input ({len(plan.z_in)} slices)")
     ax.plot(np.interp(plan.z_out, plan.z_in, np.arange(len(plan.z_in))), plan.z_out, "-", lw=0.8,
@@ -27,7 +27,7 @@ def write_resampling_report(report: Report) -> None:
     ax.legend()
     ax.set_title(f"resampling: z from {plan.source}")
     save(fig, out / "z_positions.png")
-    fig = new_figure(8, 4)
+    fig = new_figure(8, 4, margins=SINGLE)
     ax = fig.subplots()
     ax.plot(np.diff(plan.z_in), ".-", lw=0.6, ms=3, label="input increments")
     if len(plan.z_out) > 1:
