@@ -19,7 +19,7 @@ from gpustack.cli import main as cli_main
 from gpustack.config import load_workflow
 from gpustack.device import resolve_device
 from gpustack.errors import ConfigError
-from gpustack.kernels.histogram import interp, running_mean, running_median, slice_cdfs
+from gpustack.kernels.histogram import apply_maps, interp, running_mean, running_median, slice_cdfs
 from gpustack.metrics import psnr, ssim
 from gpustack.pipeline.runner import prepare, run
 from gpustack.synthetic import SyntheticSpec, generate, parse_name
@@ -176,6 +176,29 @@ def test_slice_cdfs_match_numpy_histogram_with_nan(device):
         expected = np.concatenate([[0], np.cumsum(hist)]) / v.size
         # a pixel sitting on a bin edge may fall on either side in float32: allow one pixel
         np.testing.assert_allclose(to_np(out["cdf"])[k], expected, rtol=0, atol=1.01 / v.size)
+
+
+def test_apply_maps_interpolates_each_slice_table_as_numpy(device):
+    """Each pixel through its slice's table over [lo, hi] (np.interp); NaN pixels and inactive slices as they
+    were; values at hi, and above it by rounding, take the table's last point."""
+    rng = np.random.default_rng(8)
+    x = rng.uniform(100, 5000, size=(4, 30, 50)).astype(np.float32)
+    x[0, 3, ::4] = np.nan
+    lo, hi = np.nanmin(x, axis=(1, 2)), np.nanmax(x, axis=(1, 2))
+    lut = np.cumsum(rng.uniform(0, 3, size=(4, 129)), axis=1).astype(np.float32)
+    active = np.array([True, True, False, True])
+    out = to_np(apply_maps(torch.tensor(x, device=device), torch.tensor(lo, device=device),
+                           torch.tensor(hi, device=device), torch.tensor(lut, device=device),
+                           torch.tensor(active, device=device)))
+    for k in range(4):
+        if not active[k]:
+            np.testing.assert_array_equal(out[k], x[k])
+            continue
+        finite = np.isfinite(x[k])
+        expected = np.interp(x[k][finite], np.linspace(lo[k], hi[k], 129), lut[k])
+        np.testing.assert_allclose(out[k][finite], expected, rtol=1e-5, atol=1e-3)
+        assert np.isnan(out[k][~finite]).all()
+        assert out[k].flat[np.nanargmax(x[k])] == pytest.approx(lut[k, -1])
 
 
 # ---------------------------------------------------------------------------------------------------- 2. intensity_rescaling
