@@ -109,12 +109,14 @@ def background_terms(*, orders: Sequence[int] | None = (1, 1), cross_terms: bool
 
 
 def rescale_intensity(stack: Any, *, nbins: int = 256, filter_size: int = -1, mapping: str = "linear",
-                      reference: str = "median", device: str | None = None, batch_size: int = 16) -> Any:
-    """Bring each slice's grey levels to a reference distribution (see intensity_rescaling); float32 result."""
+                      reference: str = "median", correct: str | None = None, device: str | None = None,
+                      batch_size: int = 16) -> Any:
+    """Bring each slice's grey levels to a reference distribution (see intensity_rescaling); float32 result.
+    `correct`: "jumps" (default with the linear mapping over the whole stack) or "all"."""
     from gpustack.steps.intensity import IntensityRescaling, IntensityRescalingConfig
 
     config = _config(IntensityRescalingConfig, "rescale_intensity", nbins=nbins, filter_size=filter_size,
-                     mapping=mapping, reference=reference)
+                     mapping=mapping, reference=reference, correct=correct)
     return _run_step(IntensityRescaling(config), stack, device, batch_size)[0]
 
 

@@ -1,0 +1,78 @@
+"""Jumps along z told from smooth changes (intensity_rescaling's default correction)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import gpustack
+from gpustack.kernels.jumps import MIN_SLICES, steps_of
+from tests.test_intensity import smooth_image
+
+
+def _series(device, values):
+    return torch.tensor(values, dtype=torch.float64, device=device)
+
+
+def test_a_steady_drift_has_no_steps(device):
+    drift = _series(device, 0.3 * np.arange(40) + 0.002 * np.arange(40) ** 2)
+    assert torch.equal(steps_of(drift, 0.02), torch.zeros_like(drift))
+
+
+def test_an_excursion_on_a_noisy_drift_is_found_exactly(device):
+    rng = np.random.default_rng(1)
+    k = np.arange(60)
+    smooth = 0.01 * k + np.cumsum(rng.normal(0, 0.01, 60))  # the content: a random walk on a drift
+    excursion = np.where((k >= 20) & (k < 28), 0.5, 0.0)
+    steps = steps_of(_series(device, smooth + excursion), 0.02).cpu().numpy()
+    inside = (k >= 20) & (k < 28)
+    assert np.all(steps[~inside] == 0)  # outside: left exactly as they are
+    np.testing.assert_allclose(steps[inside], 0.5, atol=0.05)  # inside: the excursion, up to one content step
+
+
+def test_a_lasting_jump_moves_the_minority_side(device):
+    values = np.r_[np.zeros(30), np.full(12, -0.3)] + np.random.default_rng(2).normal(0, 0.003, 42)
+    steps = steps_of(_series(device, values), 0.02).cpu().numpy()
+    assert np.all(steps[:30] == 0)
+    np.testing.assert_allclose(steps[30:], -0.3, atol=0.02)
+
+
+def _drifting_stack(n=30, drop=(12, 18), f=0.6):
+    """Slices whose contrast and level drift smoothly (the content), and a contrast drop around the mean."""
+    base = smooth_image(48, 48)
+    stack = []
+    for k in range(n):
+        m = float(base.mean())
+        s = m + (1 + 0.01 * k) * (base - m) + 3.0 * k  # smooth: 1 % contrast and 3 grey levels per slice
+        if drop[0] <= k < drop[1]:
+            c = float(s.mean())
+            s = c + f * (s - c)
+        stack.append(s)
+    return np.stack(stack).astype(np.float32)
+
+
+def test_default_undoes_a_contrast_drop_and_leaves_the_other_slices(device):
+    stack = _drifting_stack()
+    clean = _drifting_stack(f=1.0)
+    out = gpustack.rescale_intensity(stack, device=str(device))
+    dropped = np.zeros(len(stack), bool)
+    dropped[12:18] = True
+    np.testing.assert_array_equal(out[~dropped], stack[~dropped])  # exactly as they were
+    span = float(clean.max() - clean.min())
+    assert np.abs(out[dropped] - clean[dropped]).max() < 0.02 * span
+    # correct = "all" maps every slice to the median: the smooth drift is flattened, far from where it was
+    flat = gpustack.rescale_intensity(stack, correct="all", device=str(device))
+    assert np.abs(flat[~dropped] - stack[~dropped]).mean() > 10 * np.abs(out[~dropped] - stack[~dropped]).mean() + 1
+
+
+def test_short_stacks_are_mapped_slice_by_slice():
+    stack = _drifting_stack(n=MIN_SLICES - 1, drop=(3, 5))
+    np.testing.assert_array_equal(gpustack.rescale_intensity(stack), gpustack.rescale_intensity(stack, correct="all"))
+
+
+@pytest.mark.parametrize("kwargs", [dict(mapping="histogram"), dict(filter_size=5)])
+def test_jumps_need_the_linear_mapping_over_the_whole_stack(kwargs):
+    with pytest.raises(ValueError, match="correct"):
+        gpustack.rescale_intensity(_drifting_stack(), correct="jumps", **kwargs)
+    gpustack.rescale_intensity(_drifting_stack(), **kwargs)  # without `correct`: mapped slice by slice
