@@ -6,7 +6,7 @@ a contrast drop on slices 25-33 %, low noise, no shifts, curtains or deleted sli
 
     A  process_steps = ["cropping", "bkg_removal"]          orders [1, 1], cross terms, skip [10, 10], HuberT (2D)
     B  process_steps = ["cropping", "intensity_rescaling"]  nbins 256, filter_size -1 (PyStack3D's template);
-       gpustack twice: its defaults (linear mapping, median reference) and mapping "histogram" + reference "mean"
+       gpustack twice: its defaults (linear mapping, median reference, jumps only) and mapping "histogram" + reference "mean"
 
 plus a cropping-only run of each tool, so that a step's marginal time (workload - cropping only) can be shown.
 Every contender is a fresh process (start-up included), timed with /usr/bin/time (wall, peak RSS), with the
@@ -87,7 +87,7 @@ CONTENDERS = {
 LABELS = {
     "gpustack crop": "gpustack, cropping only", "pystack3d crop": "PyStack3D (nproc={nproc}), cropping only",
     "gpustack bkg": "gpustack", "pystack3d bkg": "PyStack3D (nproc={nproc})",
-    "gpustack int": "gpustack (linear, median: defaults)",
+    "gpustack int": "gpustack (linear, median, jumps: defaults)",
     "gpustack int-hist": 'gpustack (mapping "histogram", reference "mean")',
     "pystack3d int": "PyStack3D (nproc={nproc})",
 }
@@ -304,14 +304,14 @@ def analysis(med: dict, acc: dict, profiles: dict, results: dict, names: list[st
                         f"{d['mean_abs']:.2f} on average.")
     if warm and "pystack3d int" in warm:
         p = "pystack3d int"
-        parts = [f"{LABELS[g].split(' (')[0]} {CONTENDERS[g][3] and '(histogram, mean)' or '(linear, median)'} "
+        parts = [f"{LABELS[g].split(' (')[0]} {CONTENDERS[g][3] and '(histogram, mean)' or '(linear, median, jumps)'} "
                  f"{warm[g]:.1f} s, step {marg(warm, g):.1f} s (PyStack3D / it: {warm[p] / warm[g]:.2f} run, "
                  f"{marg(warm, p) / marg(warm, g):.2f} step)" for g in ("gpustack int", "gpustack int-hist")]
         out.append(f"B, time (warm): PyStack3D {warm[p]:.1f} s, step {marg(warm, p):.1f} s; " + "; ".join(parts) + ".")
     if "pystack3d int" in acc:
         i, gl, gh, p = (acc[k] for k in ("input", "gpustack int", "gpustack int-hist", "pystack3d int"))
         out.append(f"B, accuracy against truth + background: on the {n_drop} contrast-drop slices PSNR goes from "
-                   f"{i['psnr_b_drop']:.2f} dB (input) to {gl['psnr_b_drop']:.2f} (gpustack linear), "
+                   f"{i['psnr_b_drop']:.2f} dB (input) to {gl['psnr_b_drop']:.2f} (gpustack's default), "
                    f"{gh['psnr_b_drop']:.2f} (gpustack histogram) and {p['psnr_b_drop']:.2f} dB (PyStack3D); on the "
                    f"other slices from {i['psnr_b_rest']:.2f} dB to {gl['psnr_b_rest']:.2f}, {gh['psnr_b_rest']:.2f} "
                    f"and {p['psnr_b_rest']:.2f} dB; mean SSIM {i['ssim_b']:.4f} -> {gl['ssim_b']:.4f}, "
