@@ -62,14 +62,11 @@ def _plot_coefs(path: Path, coefs: np.ndarray, powers) -> None:
     cols = math.ceil(math.sqrt(q))
     rows = math.ceil(q / cols)
     width, height = 3.2 * cols, 2.4 * rows
-    # Fixed margins and gaps in inches, so that they hold for any grid, instead of the constrained layout's
-    # solver, which took half of the plot's time.
-    left, right, bottom, top, wgap, hgap = 0.6, 0.15, 0.45, 0.55, 0.65, 0.65
-    axes_w = (width - left - right - (cols - 1) * wgap) / cols
-    axes_h = (height - bottom - top - (rows - 1) * hgap) / rows
-    fig = new_figure(width, height, layout=None)
-    fig.subplots_adjust(left=left / width, right=1 - right / width, bottom=bottom / height, top=1 - top / height,
-                        wspace=wgap / axes_w, hspace=hgap / axes_h)
+    # Margins and gaps in inches, so that they hold for any grid (the layout solver took half of the plot's time)
+    left, right, bottom, top, gap = 0.6, 0.15, 0.45, 0.55, 0.65
+    fig = new_figure(width, height, margins=(left, right, bottom, top))
+    fig.subplots_adjust(wspace=gap / ((width - left - right - (cols - 1) * gap) / cols),
+                        hspace=gap / ((height - bottom - top - (rows - 1) * gap) / rows))
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
     frames = np.arange(len(coefs))
     for k, ax in enumerate(axes):
