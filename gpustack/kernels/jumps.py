@@ -3,7 +3,7 @@
 Along a FIB-SEM stack a slice's grey-level distribution drifts smoothly because the content changes (more or
 less of each phase), and jumps where the detector's gain or the beam current changed. Mapping every slice to one
 reference undoes both, and the first is real: on the benchmark stack, slices without any intensity defect lost
-14 dB against the ground truth that way. Here each slice's gain (log scale) and level against the reference form
+14 dB against the ground truth (with its background) that way. Here each slice's gain (log scale) and level against the reference form
 two series; their differences between consecutive slices are mostly the content's small steps, and a jump stands
 out of them by many robust standard deviations. Only those jumps are undone: the correction of a slice is the
 sum of the jumps before it, taken relative to the most common level (the median), so that the slices of the
@@ -25,8 +25,9 @@ MIN_SLICES = 10
 
 def steps_of(series: torch.Tensor, floor: float) -> torch.Tensor:
     """The step component of a 1D series: cumulative sum of its outlying consecutive differences, zero at its
-    median and wherever it is under `floor`. A difference is outlying when it departs from the median difference (a steady drift's step) by
-    more than JUMP_SIGMAS robust standard deviations and `floor`; only that departure counts as a jump."""
+    median and wherever it is under `floor`. A difference is outlying when it departs from the median difference
+    (a steady drift's step) by more than JUMP_SIGMAS robust standard deviations and `floor`; only that departure
+    counts as a jump."""
     if series.numel() < 2:
         return torch.zeros_like(series)
     d = series.diff()
