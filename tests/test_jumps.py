@@ -71,7 +71,7 @@ def test_short_stacks_are_mapped_slice_by_slice():
     np.testing.assert_array_equal(gpustack.rescale_intensity(stack), gpustack.rescale_intensity(stack, correct="all"))
 
 
-@pytest.mark.parametrize("kwargs", [dict(mapping="histogram"), dict(filter_size=5)])
+@pytest.mark.parametrize("kwargs", [{"mapping": "histogram"}, {"filter_size": 5}])
 def test_jumps_need_the_linear_mapping_over_the_whole_stack(kwargs):
     with pytest.raises(ValueError, match="correct"):
         gpustack.rescale_intensity(_drifting_stack(), correct="jumps", **kwargs)
