@@ -76,3 +76,29 @@ def test_jumps_need_the_linear_mapping_over_the_whole_stack(kwargs):
     with pytest.raises(ValueError, match="correct"):
         gpustack.rescale_intensity(_drifting_stack(), correct="jumps", **kwargs)
     gpustack.rescale_intensity(_drifting_stack(), **kwargs)  # without `correct`: mapped slice by slice
+
+
+def test_runner_names_and_draws_the_corrected_slices(tmp_path):
+    import tifffile
+
+    from gpustack.config import load_workflow
+    from gpustack.device import resolve_device
+    from gpustack.pipeline.runner import prepare, run
+    from tests.conftest import write_params
+
+    stack = np.rint(_drifting_stack() * 20).astype(np.uint16)  # grey levels ~20,000: uint16 without clipping
+    for k, img in enumerate(stack):
+        tifffile.imwrite(tmp_path / f"slice_{k:04d}.tif", img)
+    params = write_params(tmp_path, 'process_steps = ["intensity_rescaling"]\n')
+    warnings = []
+    run(prepare(load_workflow(params)), device_choice=resolve_device("cpu"), show_progress=False,
+        log=warnings.append)
+    outputs = tmp_path / "process" / "intensity_rescaling" / "outputs"
+    log = (outputs / "log.txt").read_text().splitlines()
+    assert log[0].startswith("correct = jumps: 6 of 30 measured slice(s) corrected")
+    assert log[1:] == [f"slice_{k:04d}.tif" for k in range(12, 18)]
+    assert (outputs / "intensity_rescaling_jumps.png").stat().st_size > 1000
+    assert any("6 slice(s) corrected for a jump" in w for w in warnings)
+    for k in (0, 11, 18, 29):  # written exactly as read
+        np.testing.assert_array_equal(
+            tifffile.imread(tmp_path / "process" / "intensity_rescaling" / f"slice_{k:04d}.tif"), stack[k])

@@ -1,7 +1,8 @@
 """Outputs of the intensity steps, in PyStack3D's layout.
 
 intensity_rescaling: histo_orig.npy, histos_ref.npy, histos_final.npy (nslices, nbins), bin_edges.npy,
-intensity_rescaling_maps.png, intensity_rescaling_profiles.png. intensity_rescaling_area: means.npy,
+intensity_rescaling_maps.png, intensity_rescaling_profiles.png; with correct = "jumps", also
+intensity_rescaling_jumps.png and log.txt (the corrected slices). intensity_rescaling_area: means.npy,
 factors.npy, means.png, factors.png, log.txt.
 """
 
@@ -34,6 +35,8 @@ def write_rescaling_report(report: Report) -> None:
     _skipped(report, active, "are constant or empty (nothing to rescale)")
     if "histo_orig" not in state:
         return
+    if "measured_gain" in state:
+        _report_jumps(report, active)
     hists = {key: state[key].cpu().numpy() for key in ("histo_orig", "histo_ref", "histo_final")}
     np.save(out / "histo_orig.npy", hists["histo_orig"])
     np.save(out / "histos_ref.npy", hists["histo_ref"])
@@ -64,6 +67,39 @@ def write_rescaling_report(report: Report) -> None:
         ax.set_title(title)
         ax.set_xlabel("grey level")
     save(fig, out / "intensity_rescaling_profiles.png")
+
+
+def _report_jumps(report: Report, active: np.ndarray) -> None:
+    """correct = "jumps": the measured gain and level of every slice against the median, what was applied, the
+    corrected slices named (log.txt, a warning) and drawn (intensity_rescaling_jumps.png)."""
+    out, state = report.outputs_dir, report.state
+    measured = {"gain": state["measured_gain"].double().cpu().numpy(),
+                "level": state["measured_level"].double().cpu().numpy()}
+    gain, offset = state["gain"].double().cpu().numpy(), state["offset"].double().cpu().numpy()
+    corrected = active & ((np.abs(gain - 1) > 1e-6) | (np.abs(offset) > 1e-6 * np.abs(measured["level"]).max()))
+    names = [name for name, c in zip(report.names, corrected) if c]
+    lines = [f"correct = jumps: {len(names)} of {int(active.sum())} measured slice(s) corrected for a jump in "
+             "contrast or level, the others left as they are", *names]
+    (out / "log.txt").write_text("\n".join(lines) + "\n")
+    if names:
+        report.warn(f"{len(names)} slice(s) corrected for a jump in contrast or level: {', '.join(names[:5])}"
+                    f"{', ...' if len(names) > 5 else ''}")
+    k = np.arange(len(gain))
+    level_out = measured["level"] + offset + (gain - 1) * measured["level"]  # the corrected slice's level
+    fig = new_figure(10, 6, margins=SINGLE)
+    fig.subplots_adjust(hspace=0.12)
+    top, bottom = fig.subplots(2, 1, sharex=True)
+    top.plot(k, measured["gain"], ".-", lw=0.8, ms=3, label="measured gain towards the median slice")
+    top.plot(k, np.where(active, measured["gain"] / gain, np.nan), lw=0.8, label="after the correction")
+    top.set_ylabel("gain")
+    top.set_title("intensity_rescaling: only jumps along z are corrected")
+    top.legend(fontsize=8)
+    bottom.plot(k, measured["level"], ".-", lw=0.8, ms=3, label="measured level (mean of the 2-98 % quantiles)")
+    bottom.plot(k, np.where(active, level_out, np.nan), lw=0.8, label="after the correction")
+    bottom.set_ylabel("grey level")
+    bottom.set_xlabel("frame")
+    bottom.legend(fontsize=8)
+    save(fig, out / "intensity_rescaling_jumps.png")
 
 
 def write_area_report(report: Report, config: IntensityRescalingAreaConfig) -> None:

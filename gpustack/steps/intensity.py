@@ -134,6 +134,8 @@ class IntensityRescaling(Step):
                 from gpustack.kernels.jumps import MIN_SLICES, jump_corrections
 
                 if int(active.sum()) >= MIN_SLICES:  # sync: once per stack
+                    # the measured series stay in the state for the report: what was corrected, and why
+                    state.update(measured_gain=gain.clone(), measured_level=own.mean(dim=1))
                     gain, offset = jump_corrections(gain, own.mean(dim=1), own[:, -1] - own[:, 0], active)
             lut = gain[:, None] * fine_edges + offset[:, None]
             state.update(gain=torch.where(active, gain, 1.0).to(torch.float32),
