@@ -102,3 +102,16 @@ def test_runner_names_and_draws_the_corrected_slices(tmp_path):
     for k in (0, 11, 18, 29):  # written exactly as read
         np.testing.assert_array_equal(
             tifffile.imread(tmp_path / "process" / "intensity_rescaling" / f"slice_{k:04d}.tif"), stack[k])
+
+
+def test_an_excursion_whose_jumps_do_not_cancel_moves_only_its_own_slices(device):
+    """The content drifts while some slices are off: the jump out (+0.506) and back (-0.485) differ by more than
+    the floor (measured on the demo stack); the slices outside stay, those inside take the mean jump."""
+    k = np.arange(50)
+    smooth = 0.004 * k
+    values = smooth + np.where((k >= 15) & (k < 20), 0.5, 0.0)
+    values[20:] -= 0.021  # the content moved by 0.021 more during the excursion than the steady drift says
+    steps = steps_of(_series(device, values), 0.02).cpu().numpy()
+    inside = (k >= 15) & (k < 20)
+    assert np.all(steps[~inside] == 0)
+    np.testing.assert_allclose(steps[inside], (0.5 + 0.521) / 2, atol=1e-9)

@@ -34,11 +34,31 @@ def steps_of(series: torch.Tensor, floor: float) -> torch.Tensor:
     excess = d - d.median()
     mad = 1.4826 * excess.abs().median()
     jumps = torch.where(excess.abs() > torch.clamp(JUMP_SIGMAS * mad, min=floor), excess, torch.zeros_like(d))
+    jumps = _close_excursions(jumps)
     steps = torch.cat([torch.zeros_like(series[:1]), jumps.cumsum(dim=0)])
     steps = steps - steps.median()
     # A jump and its return rarely cancel exactly (the content moved meanwhile): what is left below `floor` is no
     # change of the detector, and the slices it would move stay as they are.
     return torch.where(steps.abs() < floor, torch.zeros_like(steps), steps)
+
+
+def _close_excursions(jumps: torch.Tensor) -> torch.Tensor:
+    """A jump followed by one of the opposite sign and about the same size (their sum under half the smaller)
+    is an excursion: some slices left the common level and came back. The content goes on drifting meanwhile,
+    so the two rarely cancel, and their sum would move every slice on one side; both take their mean size
+    instead, so that only the slices in between are corrected."""
+    at = jumps.nonzero()[:, 0].tolist()  # sync: once per series, a handful of indices
+    out = jumps.clone()
+    k = 0
+    while k + 1 < len(at):
+        a, b = float(jumps[at[k]]), float(jumps[at[k + 1]])  # sync: as above
+        if a * b < 0 and abs(a + b) < 0.5 * min(abs(a), abs(b)):
+            size = (abs(a) + abs(b)) / 2
+            out[at[k]], out[at[k + 1]] = (size, -size) if a > 0 else (-size, size)
+            k += 2
+        else:
+            k += 1
+    return out
 
 
 def jump_corrections(gain: torch.Tensor, centre: torch.Tensor, spread: torch.Tensor,
