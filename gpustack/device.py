@@ -89,7 +89,7 @@ def batch_size_for(device: torch.device, slice_bytes: int, *, budget: int | None
     On the CPU, also few enough that a float32 batch (`plane_bytes` per slice) stays under glibc's mmap
     threshold, as `malloc_tuning` sets it: above it every temporary the size of a batch is mapped and
     page-faulted in afresh, which made an elementwise operation on 16 slices of 901² cost 1.3 ms per slice
-    against 0.3 ms on 7 (measured). Never fewer than twice the halo, which every batch reads again.
+    against 0.3 ms on 8 (measured). Never fewer than twice the halo, which every batch reads again.
     """
     if requested:
         return requested
