@@ -107,6 +107,9 @@ def run_pass(spec: PassSpec, *, device: torch.device, batch_size: int, io_thread
              on_progress: Callable[[int], None] | None = None) -> None:
     source, runs = spec.source, spec.runs
     n = len(source)
+    # About two reads per IO thread in flight whatever the batch size: CPU batches of large slices hold one or two
+    # slices (device.batch_size_for), and two batches ahead would leave the readers idle on a slow disk.
+    prefetch = max(prefetch, min(16, -(-2 * io_threads // batch_size)))
     before, after = _halo(runs, spec.fit)
     window = batch_size + before + after
     cuda = device.type == "cuda"
