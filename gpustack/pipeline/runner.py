@@ -352,8 +352,10 @@ def run(prepared: Prepared, *, device_choice: Any, overwrite: bool = False, show
             work = max([steps[i].work_buffers for i in indices] + [1]) + 3
             halo = sum(sum(steps[i].halo) for i in indices) + (sum(steps[plan.fit].fit_halo)
                                                                if plan.fit is not None else 0)
+            # float32 temporaries have the shape the steps compute on: a first step that crops reads only its region
+            computed = prepared.shapes[plan.first + 1] if steps[plan.first].region(shape_in) is not None else shape_in
             batch = batch_size_for(device, 4 * shape_in[0] * shape_in[1] * work, budget=wf.memory_budget,
-                                   requested=wf.batch_size, plane_bytes=4 * shape_in[0] * shape_in[1], halo=halo)
+                                   requested=wf.batch_size, plane_bytes=4 * computed[0] * computed[1], halo=halo)
             labels = [steps[i].name for i in indices] + ([f"statistics of {steps[plan.fit].name}"]
                                                         if plan.fit is not None else [])
             fit_partials: dict[str, list] = {}
