@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from gpustack.steps.intensity import IntensityRescalingAreaConfig
 
 MAX_PROFILES = 40  # lines per panel in the profiles plot
+SMOOTH_DRIFT_NOTE = 0.1  # correct = "jumps": a smooth contrast drift above 10 % along the stack is pointed out
 
 
 def _skipped(report: Report, active: np.ndarray, why: str) -> None:
@@ -80,10 +81,16 @@ def _report_jumps(report: Report, active: np.ndarray) -> None:
     names = [name for name, c in zip(report.names, corrected) if c]
     lines = [f"correct = jumps: {len(names)} of {int(active.sum())} measured slice(s) corrected for a jump in "
              "contrast or level, the others left as they are", *names]
-    (out / "log.txt").write_text("\n".join(lines) + "\n")
     if names:
         report.warn(f"{len(names)} slice(s) corrected for a jump in contrast or level: {', '.join(names[:5])}"
                     f"{', ...' if len(names) > 5 else ''}")
+    kept = measured["gain"][active] / gain[active]  # what is left after the correction: the smooth part
+    if kept.size and kept.max() / kept.min() > 1 + SMOOTH_DRIFT_NOTE:
+        note = (f"the contrast drifts smoothly by {100 * (kept.max() / kept.min() - 1):.0f} % along the stack and is "
+                'kept (the content, or a slow detector drift: correct = "all" flattens it)')
+        lines.append(note)
+        report.warn(note)
+    (out / "log.txt").write_text("\n".join(lines) + "\n")
     k = np.arange(len(gain))
     level_out = measured["level"] + offset + (gain - 1) * measured["level"]  # the corrected slice's level
     fig = new_figure(10, 6, margins=SINGLE)
