@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from gpustack.kernels.polynomial import expr_from_powers, term_name
-from gpustack.report.plotting import new_figure, save
+from gpustack.report.plotting import THREE_PANELS, new_figure, save
 
 if TYPE_CHECKING:
     from gpustack.steps.background import BkgRemoval
@@ -121,8 +121,8 @@ def _plot_profiles(path: Path, profiles: np.ndarray, axis: str) -> None:
         lo = np.nanmin(profiles[:, :, 0], axis=0)
         hi = np.nanmax(profiles[:, :, 1], axis=0)
         mean = np.nanmean(profiles[:, :, 2], axis=0)
-    fig = new_figure(12, 3.6, layout=None)  # the margins of the stats.png plots: same panels, no layout solver
-    fig.subplots_adjust(left=0.07, right=0.99, bottom=0.15, top=0.83, wspace=0.28)
+    fig = new_figure(12, 3.6, layout=None)  # the stats.png plots' panels and margins, no layout solver
+    fig.subplots_adjust(**THREE_PANELS)
     axes = fig.subplots(1, 3)
     for ax, what, values in zip(axes, ("Min", "Max", "Mean"), (lo, hi, mean)):
         ax.plot(values[0], label="input", lw=1)

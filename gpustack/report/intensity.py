@@ -79,8 +79,8 @@ def _report_jumps(report: Report, active: np.ndarray) -> None:
     gain, offset = state["gain"].double().cpu().numpy(), state["offset"].double().cpu().numpy()
     corrected = active & ((np.abs(gain - 1) > 1e-6) | (np.abs(offset) > 1e-6 * np.abs(measured["level"]).max()))
     names = [name for name, c in zip(report.names, corrected) if c]
-    lines = [f"correct = jumps: {len(names)} of {int(active.sum())} measured slice(s) corrected for a jump in "
-             "contrast or level, the others left as they are", *names]
+    lines = [(f"correct = jumps: {len(names)} of {int(active.sum())} measured slice(s) corrected for a jump in "
+              "contrast or level, the others left as they are"), *names]
     if names:
         report.warn(f"{len(names)} slice(s) corrected for a jump in contrast or level: {', '.join(names[:5])}"
                     f"{', ...' if len(names) > 5 else ''}")

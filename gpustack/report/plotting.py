@@ -11,6 +11,8 @@ DPI = 150
 
 
 SINGLE = (0.8, 0.3, 0.55, 0.45)  # margins in inches (left, right, bottom, top) for one axes with labels, title
+# subplots_adjust of the 12 x 3.6 in min / max / mean figures (stats.png, bkg_removal's stats_X/Y.png)
+THREE_PANELS = {"left": 0.07, "right": 0.99, "bottom": 0.15, "top": 0.83, "wspace": 0.28}
 
 
 def new_figure(width: float = 10, height: float = 4, *, margins: tuple[float, float, float, float] | None = None,

@@ -33,12 +33,12 @@ def write_stats(outputs_dir: Path, stats: np.ndarray, names: list[str], title: s
 
 
 def plot_stats(path: Path, stats: np.ndarray, title: str) -> None:
-    from gpustack.report.plotting import new_figure, save  # matplotlib: on the reporter thread, not at start-up
+    from gpustack.report.plotting import THREE_PANELS, new_figure, save  # matplotlib: on the reporter thread
 
     # Fixed margins instead of the constrained layout: one of these per step and channel, and the layout engine
     # is a third of its cost; the three panels and their labels fit these margins at any slice count.
     fig = new_figure(12, 3.6, layout=None)
-    fig.subplots_adjust(left=0.07, right=0.99, bottom=0.15, top=0.83, wspace=0.28)
+    fig.subplots_adjust(**THREE_PANELS)
     axes = fig.subplots(1, 3)
     x = np.arange(len(stats))
     input_read = bool(np.isfinite(stats[:, :3]).any())
