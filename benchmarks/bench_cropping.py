@@ -95,6 +95,7 @@ def main() -> None:
         text = params.format(nproc=args.nproc, area=area, ind_max=count - 1)
 
         def reset_ours() -> None:
+            shutil.rmtree(ours / "process", ignore_errors=True)  # as for the others: deleting is not timed
             (ours / "params.toml").write_text(f"project_dir = {str(data.root)!r}\noutput_dir = {str(ours)!r}\n" + text)
 
         def reset_theirs() -> None:

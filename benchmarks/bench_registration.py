@@ -3,10 +3,11 @@
 A synthetic uint16 stack whose slices drift by a random walk (known shifts) is cropped, registered and warped by
 gpustack and by PyStack3D (nproc = 2) from the same params.toml. Each tool runs three times as a fresh process,
 warm cache: cropping only, cropping + registration_calculation, then registration_transformation alone on that
-result, so that the estimation and the warp are timed against the cropping-only run. Accuracy: the cumulative
+result, so that the estimation and the warp are timed against the cropping-only run. gpustack's runs, a few
+seconds each, are repeated (--repeats, median): single runs varied by +-0.5 s on a shared 2-core machine. Accuracy: the cumulative
 displacement of every slice (from each tool's tmats.npy, the same file format) against the known shifts.
 
-    python benchmarks/bench_registration.py              # 200 slices of 1024², about 4 min
+    python benchmarks/bench_registration.py              # 200 slices of 1024², about 6 min
     python benchmarks/bench_registration.py --quick      # 40 slices of 256², no RESULTS.md
     python benchmarks/bench_registration.py --transformation RIGID_BODY   # about 3 min more
 """
@@ -36,7 +37,13 @@ TABLES = ('\n[cropping]\narea = {area}\n\n[registration_calculation]\nnb_blocks 
 MODEL = "TRANSLATION"
 
 
-def run_tool(tool: str, stage: str, folder: Path, data: SyntheticStack, nproc: int, extra: str = "") -> float:
+def run_tool(tool: str, stage: str, folder: Path, data: SyntheticStack, nproc: int, extra: str = "",
+             repeats: int = 1) -> float:
+    """Median seconds of `repeats` fresh runs of one stage."""
+    return float(np.median([_run_once(tool, stage, folder, data, nproc, extra) for _ in range(repeats)]))
+
+
+def _run_once(tool: str, stage: str, folder: Path, data: SyntheticStack, nproc: int, extra: str) -> float:
     folder.mkdir(parents=True, exist_ok=True)
     history = ["cropping", "registration_calculation"] if stage == "warp" else []
     if stage != "warp":
@@ -97,6 +104,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each gpustack stage (median)")
     parser.add_argument("--transformation", default="TRANSLATION", choices=["TRANSLATION", "RIGID_BODY",
                                                                             "SCALED_ROTATION", "AFFINE"])
     args = parser.parse_args()
@@ -113,16 +121,20 @@ def main() -> None:
         run_tool(tool, "crop", base / f"{tool}-warmup", data, args.nproc)  # page cache and imports warm
         for stage in STEPS:
             folder = base / f"{tool}-{'calc' if stage == 'warp' else stage}"
-            times[tool, stage] = run_tool(tool, stage, folder, data, args.nproc)
+            times[tool, stage] = run_tool(tool, stage, folder, data, args.nproc,
+                                          repeats=args.repeats if tool == "gpustack" else 1)
             print(f"{tool:10s} {stage:5s} {times[tool, stage]:7.2f} s", flush=True)
-    several = (4, 8) if MODEL == "TRANSLATION" else ()  # several references: translations only
-    for refs in several:
-        times[f"gpustack-{refs}ref", "calc"] = run_tool("gpustack", "calc", base / f"gpustack-{refs}ref", data,
-                                                        args.nproc, f"references = {refs}\n")
-        print(f"gpustack references={refs} calc {times[f'gpustack-{refs}ref', 'calc']:.2f} s", flush=True)
+    # variants of the translation estimator: neighbours measured one way (half the Newton work), more references
+    variants = [("gpustack-oneway", "symmetric = false"), *((f"gpustack-{r}ref", f"references = {r}") for r in (4, 8))
+                ] if MODEL == "TRANSLATION" else []
+    for key, setting in variants:
+        times[key, "calc"] = run_tool("gpustack", "calc", base / key, data, args.nproc, setting + "\n",
+                                      args.repeats)
+        print(f"gpustack {setting} calc {times[key, 'calc']:.2f} s", flush=True)
 
     rows = []
-    for tool, label in (("gpustack", "gpustack (references = 1)"), ("pystack3d", f"PyStack3D (nproc={args.nproc})")):
+    for tool, label in (("gpustack", "gpustack (references = 1, symmetric)"),
+                        ("pystack3d", f"PyStack3D (nproc={args.nproc})")):
         calc = times[tool, "calc"] - times[tool, "crop"]
         warp = times[tool, "warp"] - times[tool, "crop"]
         measure = cumulative_error if MODEL == "TRANSLATION" else centre_error
@@ -142,8 +154,9 @@ def main() -> None:
         f"{args.slices} slices of {args.size}x{args.size} uint16, `SyntheticSpec(...).without_defects("
         f"noise_sigma=0.005, drift_sigma=0.5)`: every slice moved by a random walk of 0.5 px per slice and axis; "
         f"the structures change from slice to slice. Both tools crop to `area = {list(data.area)}` and run "
-        f"`transformation = \"{MODEL}\"`, `mode = \"edge\"`. Each number is one warm run of a fresh process "
-        "(imports, plots and the writing of every step's slices included). The transformation runs alone after the "
+        f"`transformation = \"{MODEL}\"`, `mode = \"edge\"`. Each number is a warm run of a fresh process "
+        f"(imports, plots and the writing of every step's slices included; gpustack: median of {args.repeats} runs). "
+        "The transformation runs alone after the "
         "calculation (`history = [\"cropping\", \"registration_calculation\"]`: it reads the cropped slices "
         "and `tmats.npy`); estimation = (cropping + calculation) - cropping, warp = transformation - cropping "
         "(both runs read and write the same number of slices).",
@@ -156,12 +169,11 @@ def main() -> None:
         lines.append(f"| {label} | {crop:.2f} | {calc_t:.2f} | {warp_t:.2f} | {calc:.2f} | {warp:.2f} | {emax:.2f} | "
                      f"{erms:.2f} | {estep:.3f} |")
     ratios = []
-    for refs in several:
-        key = f"gpustack-{refs}ref"
+    for key, setting in variants:
         err_r = cumulative_error(base / key / "process" / "registration_calculation" / "tmats.npy", data)
         calc_r = times[key, "calc"] - times["gpustack", "crop"]
-        ratios.append(f"{p[4] / calc_r:.1f}x with references = {refs}")
-        lines.append(f"| gpustack (references = {refs}) | | {times[key, 'calc']:.2f} | | {calc_r:.2f} | | "
+        ratios.append(f"{p[4] / calc_r:.1f}x with {setting}")
+        lines.append(f"| gpustack ({setting}) | | {times[key, 'calc']:.2f} | | {calc_r:.2f} | | "
                      f"{err_r[0]:.2f} | {err_r[1]:.2f} | {err_r[2]:.3f} |")
     lines += ["", f"PyStack3D / gpustack: estimation {p[4] / g[4]:.1f}x"
                   + "".join(f", {r}" for r in ratios)

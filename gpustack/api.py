@@ -137,15 +137,16 @@ def rescale_intensity_area(stack: Any, *, area: Sequence[int] | None = None, thr
 
 
 def register_stack(stack: Any, *, references: int = 1, estimator: str = "tiles", tiles: int = 0, binning: int = 0,
-                   iterations: int = 3, upsample: int = 20, refine: int = 0, area: Sequence[int] | None = None,
-                   device: str | None = None, batch_size: int = 16) -> Any:
+                   iterations: int = 3, symmetric: bool = True, upsample: int = 20, refine: int = 0,
+                   area: Sequence[int] | None = None, device: str | None = None, batch_size: int = 16) -> Any:
     """Translations that align every slice of a stack (N, H, W) onto slice 0, as (N, 3, 3) cumulative matrices
     in skimage's `warp` convention (output pixel -> input pixel), the same kind of array as the input.
 
     Each slice is matched to the `references` slices before it, and the positions are solved in robust least
     squares (references = 1: pairwise chaining, as PyStack3D). `estimator = "tiles"` (default): correlation on a
     binned copy, then `iterations` Newton iterations on the intensities moved by the median of
-    `tiles` x `tiles` tiles' updates (0: automatic), robust to structures that change between slices;
+    `tiles` x `tiles` tiles' updates (0: automatic), robust to structures that change between slices, each pair
+    neighbours measured both ways unless `symmetric` is False;
     `"correlation"`: the cross-correlation peak (1/upsample px) and `refine` whole-slice Gauss-Newton iterations.
     The parameters are registration_calculation's (README).
     """
@@ -181,7 +182,7 @@ def register_stack(stack: Any, *, references: int = 1, estimator: str = "tiles",
                 shift, q = measure_translations(t[k - d], t[k], upsample=upsample, refine=refine)
             else:
                 shift, q = translation.measure(prep, k - first, k - d - first, iterations=iterations,
-                                               tiles=tiles or None)
+                                               tiles=tiles or None, symmetric=symmetric and d == 1)
             ks.append(k.cpu().numpy())  # sync: small index and result arrays
             ds.append(np.full(len(k), d))
             shifts.append(shift.double().cpu().numpy())

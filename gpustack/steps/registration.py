@@ -56,6 +56,10 @@ class RegistrationCalculationConfig:
                                             "Newton iterations (0: the slice's smaller side // 400)")
     iterations: int = param(3, integer(0, 50), "gpustack, estimator tiles: Newton iterations (0: the "
                                                "correlation peak of the binned copy only)")
+    symmetric: bool = param(True, boolean, "gpustack, estimator tiles: measure each pair of neighbouring slices "
+                                           "both ways and take the half difference (inverse consistent: less "
+                                           "drift where structures change, for twice their Newton work); "
+                                           "false: one way")
     upsample: int = param(20, integer(1, 1000), "gpustack, estimator correlation: sub-pixel precision of the "
                                                 "correlation peak, 1/upsample px")
     refine: int = param(0, integer(0, 20), "gpustack, estimator correlation: Gauss-Newton (Lucas-Kanade) iterations "
@@ -134,7 +138,8 @@ class RegistrationCalculation(Step):
         else:
             flat = x.flatten(0, 1)  # (slices * blocks, h, w)
             mov_i, ref_i = _pair_indices(pairs, blocks, flat.device)
-            shift, quality = self._measure(flat, mov_i, ref_i)
+            consecutive = torch.tensor([r - j == 1 for r, j in pairs]).repeat_interleave(blocks)
+            shift, quality = self._measure(flat, mov_i, ref_i, consecutive)
             if self.config.transformation != "TRANSLATION":
                 ref, mov = flat[ref_i], flat[mov_i]
                 from gpustack.kernels.affine_lk import estimate_affine
@@ -148,9 +153,10 @@ class RegistrationCalculation(Step):
         return {"k": [batch.start + r for r, _ in pairs], "d": [r - j for r, j in pairs], "mats": mats,
                 "quality": quality, "blocks": blocks, "n_total": batch.n_total, "shape": tuple(batch.data.shape[1:])}
 
-    def _measure(self, flat: "torch.Tensor", mov_i: "torch.Tensor", ref_i: "torch.Tensor"
-                 ) -> tuple["torch.Tensor", "torch.Tensor"]:
-        """Translations (pairs, 2) and qualities of the pairs (flat[mov_i], flat[ref_i])."""
+    def _measure(self, flat: "torch.Tensor", mov_i: "torch.Tensor", ref_i: "torch.Tensor",
+                 consecutive: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
+        """Translations (pairs, 2) and qualities of the pairs (flat[mov_i], flat[ref_i]); `consecutive` (host,
+        bool per pair): the pairs of neighbouring slices, which `symmetric` measures both ways."""
         cfg = self.config
         if cfg.estimator == "correlation":
             refine = cfg.refine if cfg.transformation == "TRANSLATION" else 0
@@ -159,7 +165,8 @@ class RegistrationCalculation(Step):
 
         # each slice's binned copies, spectrum and gradients once, whatever the number of pairs it is in
         prep = translation.prepare(flat, lk_bin=cfg.binning or None)
-        return translation.measure(prep, mov_i, ref_i, iterations=cfg.iterations, tiles=cfg.tiles or None)
+        return translation.measure(prep, mov_i, ref_i, iterations=cfg.iterations, tiles=cfg.tiles or None,
+                                   symmetric=consecutive & cfg.symmetric)
 
     def fit_reduce(self, partials: list[dict[str, Any]]) -> dict[str, Any]:
         import torch
