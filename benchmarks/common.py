@@ -59,6 +59,7 @@ def evict(paths: list[Path]) -> bool:
 def timed(cmd: list[str], *, cwd: Path | None = None, env: dict | None = None) -> tuple[float, float]:
     """Wall seconds and peak resident memory (MiB, NaN if unknown) of one command."""
     full = [TIME, "-f", "%M"] + cmd if TIME else cmd
+    os.sync()  # no run pays for the write-back of an earlier run's output (or of the set-up's files)
     start = time.perf_counter()
     proc = subprocess.run(full, cwd=cwd, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start
