@@ -52,9 +52,9 @@ def test_uniform_grid_keeps_the_last_plane_and_interpolates_linearly(tmp_path):
 def test_zpos_out_as_a_toml_list(tmp_path):
     zs = [0.0, 0.01, 0.02, 0.03]
     data = _named_stack(tmp_path, zs)
-    _run(write_params(tmp_path, 'process_steps = ["resampling"]\n[resampling]\nzpos_out = [0.005, 0.03, 0.5]\n'))
+    _run(write_params(tmp_path, 'process_steps = ["resampling"]\n[resampling]\nzpos_out = [0.005, 0.03]\n'))
     files = sorted((tmp_path / "process" / "resampling").glob("*.tif"))
-    assert len(files) == 2  # 0.5 is outside the stack: reported, not computed
+    assert len(files) == 2
     mid = np.rint((data[0].astype(float) + data[1]) / 2)
     assert np.array_equal(tifffile.imread(files[0]), mid.astype(np.uint16))
     assert np.array_equal(tifffile.imread(files[1]), data[3])
@@ -97,6 +97,17 @@ def test_bad_parameters(tmp_path, table, key):
     with pytest.raises(ConfigError) as err:
         load_workflow(write_params(tmp_path, f'process_steps = ["resampling"]\n[resampling]\n{table}\n'))
     assert err.value.key == key
+
+
+def test_zpos_out_outside_the_stack_is_an_error_before_any_slice_is_read(tmp_path, capsys):
+    _named_stack(tmp_path, [0.0, 0.01, 0.02, 0.03])
+    params = write_params(tmp_path, 'process_steps = ["resampling"]\n[resampling]\nzpos_out = [-0.1, 0.005, 0.5]\n')
+    with pytest.raises(ConfigError, match=r"2 value\(s\) outside the stack's z range \[0, 0.03\].*-0.1, 0.5") as err:
+        prepare(load_workflow(params))
+    assert err.value.key == "zpos_out"
+    from gpustack.cli import main
+    assert main(["run", str(params), "-q", "--device", "cpu"]) == 2
+    assert "zpos_out" in capsys.readouterr().err and not (tmp_path / "process" / "resampling").exists()
 
 
 def test_names_that_do_not_match_and_no_metadata(tmp_path):

@@ -169,14 +169,12 @@ class Resampling(Step):
             count = int(np.floor((hi - lo) / cfg.dz + 1e-6)) + 1
             z_out = lo + cfg.dz * np.arange(count)
         else:
-            z_all = np.asarray(cfg.zpos_out, float)
-            keep = (z_all >= lo - EXACT) & (z_all <= hi + EXACT)
-            if not keep.all():
-                notes.append(f"{int((~keep).sum())} zpos_out value(s) outside the stack's z range [{lo:g}, {hi:g}] "
-                             "are not computed")
-            z_out = z_all[keep]
-            if z_out.size == 0:
-                raise ParamError("zpos_out", f"no output z inside the stack's z range [{lo:g}, {hi:g}]")
+            z_out = np.asarray(cfg.zpos_out, float)
+            outside = z_out[(z_out < lo - EXACT) | (z_out > hi + EXACT)]
+            if outside.size:  # no extrapolation; and a plane silently missing would shift every later index
+                listed = ", ".join(f"{z:g}" for z in outside[:5]) + (", ..." if outside.size > 5 else "")
+                raise ParamError("zpos_out", f"{outside.size} value(s) outside the stack's z range [{lo:g}, {hi:g}] "
+                                             f"(z from {source}): {listed}; keep the output z inside it")
         upper = np.clip(np.searchsorted(z_in, z_out - EXACT, side="left"), 0, len(z_in) - 1)
         exact = np.abs(z_in[upper] - z_out) <= EXACT
         lower = np.where(exact, upper, np.maximum(upper - 1, 0))
