@@ -91,6 +91,39 @@ def test_multipage_input(tmp_path):
     np.testing.assert_array_equal(np.stack([tifffile.imread(p) for p in out]), data[:, :, :8])
 
 
+def test_multipage_input_through_a_chain_of_steps_equals_the_same_slices_as_files(tmp_path):
+    """Steps chain on a multi-page TIFF (PyStack3D runs only the first step on one): every step's output is the
+    one the same slices give as a folder of files."""
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[0:40, 0:48]
+    data = np.stack([2000 + 800 * np.sin((xx - k) / 5.0) * np.cos(yy / 7.0) + 30 * k * xx / 48
+                     + rng.normal(0, 20, (40, 48)) for k in range(7)]).astype(np.uint16)
+    steps = ["cropping", "bkg_removal", "intensity_rescaling", "registration_calculation",
+             "registration_transformation", "cropping_final"]
+    tables = ("[cropping]\narea = [2, 46, 2, 38]\n[bkg_removal]\norders = [1, 1]\n"
+              "[registration_calculation]\ntransformation = \"TRANSLATION\"\n[cropping_final]\narea = [4, 40, 4, 32]\n")
+    multi, files = tmp_path / "multi", tmp_path / "files" / "slices"
+    multi.mkdir()
+    tifffile.imwrite(multi / "stack.tif", data)
+    files.mkdir(parents=True)
+    for k, img in enumerate(data):
+        tifffile.imwrite(files / f"stack_{k:04d}.tif", img)
+    for root, channel in ((multi, "stack.tif"), (files.parent, "slices")):
+        run_params(write_params(root, f"channels = [\"{channel}\"]\nprocess_steps = {steps!r}\n".replace("'", '"')
+                                + tables))
+    for step in steps:
+        if step == "registration_calculation":  # a result step: its matrices, not slices
+            np.testing.assert_array_equal(
+                np.load(multi / "process" / step / "tmats.npy"), np.load(files.parent / "process" / step / "tmats.npy"))
+            continue
+        a = sorted((multi / "process" / step / "stack.tif").glob("*.tif"))
+        b = sorted((files.parent / "process" / step / "slices").glob("*.tif"))
+        assert [p.name for p in a] == [p.name for p in b] == [f"stack_{k:04d}.tif" for k in range(7)], step
+        np.testing.assert_array_equal(np.stack([tifffile.imread(p) for p in a]),
+                                      np.stack([tifffile.imread(p) for p in b]), err_msg=step)
+    assert tifffile.imread(a[0]).shape == (28, 36)  # the final crop's rows and columns
+
+
 def test_ind_min_ind_max_and_compression_kept(tmp_path):
     data = write_stack(tmp_path, n=8, compression="zlib")
     params = write_params(tmp_path, 'ind_min = 2\nind_max = 4\nprocess_steps = ["cropping"]\n[cropping]\n')
