@@ -76,7 +76,8 @@ def run_reindex_pass(source: StackSource, plan: ResamplePlan, out_dir: Path, out
                     stats[j, 3:6] = stats[j, 6:9] = values
                 else:
                     plane = torch.lerp(on_device(lo), on_device(hi), float(plan.weight[j]))[None]
-                    stored = to_storage(plane, out_dtype)
+                    # integer slices are finite, and so is their lerp: no NaN pass
+                    stored = to_storage(plane, out_dtype, nan_possible=source.dtype.kind == "f")
                     both = torch.cat([slice_stats(plane, nan_aware=False), slice_stats(stored, nan_aware=False)], 1)
                     host = stored.to(out_dtype)[0].cpu().numpy()  # sync: to the writer threads
                     stats[j, 3:] = both[0].cpu().numpy()

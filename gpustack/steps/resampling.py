@@ -115,6 +115,7 @@ class Resampling(Step):
     name = "resampling"
     Config = ResamplingConfig
     reindexes = True
+    report_needs_pass = False  # z positions and increments are known from the plan: plotted while slices stream
     work_buffers = 3
 
     def _z_in(self, slices: list[SliceInfo]) -> tuple[np.ndarray, str]:
