@@ -9,7 +9,7 @@ z in the file names). Timed, each from a cold page cache:
     planes (already in memory) to one BigTIFF.
 Accuracy: gpustack's planes against PyStack3D's on the planes both write (PyStack3D truncates, gpustack rounds).
 
-    python benchmarks/bench_resampling_export.py [--slices 200] [--size 1024] [--nproc 2]
+    python benchmarks/bench_resampling_export.py [--slices 200] [--size 1024] [--nproc 2] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=200)
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--nproc", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--root", type=Path, default=Path("/tmp/gpustack-bench-resampling"))
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
@@ -72,20 +72,22 @@ def main() -> None:
                          seed=11).without_defects(noise_sigma=0.01, delete_from=0.66)
     stack = cached_stack(args.root / f"stack_{args.size}_{args.slices}", spec)
     files = stack.files()
-    runs = {}
-    for tool in ("pystack3d", "gpustack"):
-        for steps in (["cropping"], ["resampling"]):
-            name = f"{tool} {steps[-1]}"
-            folder = args.root / "runs" / name.replace(" ", "_")
-            times = []
-            for _ in range(args.repeats):
+    # interleaved: each repeat runs all four, so that the step's cost is the difference of two runs made side by
+    # side (the host drifts over minutes; the step costs a tenth of a run)
+    times: dict[str, list[tuple[float, float]]] = {}
+    folders: dict[str, Path] = {}
+    for _ in range(args.repeats):
+        for tool in ("pystack3d", "gpustack"):
+            for steps in (["cropping"], ["resampling"]):
+                name = f"{tool} {steps[-1]}"
+                folder = folders.setdefault(name, args.root / "runs" / name.replace(" ", "_"))
                 project(folder, files, steps, args.nproc, None if tool == "pystack3d" else stack.root)
                 evict(files)
                 cmd = [python(), "-c", PYSTACK3D, str(folder), ",".join(steps), str(args.nproc)] \
                     if tool == "pystack3d" else [python(), "-m", "gpustack", "run", str(folder / "params.toml"),
                                                  "-q", "--device", "cpu"]
-                times.append(timed(cmd))
-            runs[name] = (summary([t for t, _ in times]), max(m for _, m in times), folder)
+                times.setdefault(name, []).append(timed(cmd))
+    runs = {name: (summary([t for t, _ in v]), max(m for _, m in v), folders[name]) for name, v in times.items()}
     ours = sorted((runs["gpustack resampling"][2] / "process" / "resampling").glob("*.tif"))
     theirs = {p.name: p for p in (runs["pystack3d resampling"][2] / "process" / "resampling").glob("*.tif")}
     common = [p for p in ours if p.name in theirs]
@@ -117,20 +119,24 @@ def main() -> None:
     command = timed([python(), "-m", "gpustack", "export", str(params), "--overwrite", "--pixel-size", "0.01"])[0]
     n_out = len(ours)
 
-    def step_time(tool: str) -> float:
-        return runs[f"{tool} resampling"][0] - runs[f"{tool} cropping"][0]
+    def step_times(tool: str) -> list[float]:
+        """The resampling run minus the cropping run made just before it, per repeat."""
+        return [r - c for (r, _), (c, _) in zip(times[f"{tool} resampling"], times[f"{tool} cropping"])]
 
     lines = [f"Machine: {machine()}.",
              f"Command: `python benchmarks/bench_resampling_export.py --slices {args.slices} --size {args.size} "
-             f"--nproc {args.nproc}` (median of {args.repeats}, cold page cache).",
+             f"--nproc {args.nproc} --repeats {args.repeats}` (median of {args.repeats} interleaved runs, cold page "
+             "cache).",
              f"Stack: {len(files)} slices of {args.size}x{args.size} uint16 with z from {stack.z[0]:g} to "
              f"{stack.z[-1]:g} um (every other slice deleted over the last third) -> {n_out} planes at dz = 0.01.",
              "", "| run | seconds | peak MiB |", "|---|---:|---:|"]
     for name, (sec, peak, _folder) in runs.items():
         lines.append(f"| {name.replace('pystack3d', f'PyStack3D (nproc={args.nproc})')} | {sec:.2f} | {peak:.0f} |")
-    g, p = step_time("gpustack"), step_time("pystack3d")
-    lines += ["", f"Resampling step alone (run minus the same tool's cropping-only run): gpustack {g:.2f} s, "
-                  f"PyStack3D {p:.2f} s: **{p / g:.1f}x**. Whole runs: "
+    gs, ps = step_times("gpustack"), step_times("pystack3d")
+    g, p = summary(gs), summary(ps)
+    lines += ["", f"Resampling step alone (each resampling run minus the same tool's cropping-only run made just "
+                  f"before it; median, and range over the {args.repeats} pairs): gpustack {g:.2f} s ({min(gs):.2f}-"
+                  f"{max(gs):.2f}), PyStack3D {p:.2f} s ({min(ps):.2f}-{max(ps):.2f}): **{p / g:.1f}x**. Whole runs: "
                   f"{runs['pystack3d resampling'][0] / runs['gpustack resampling'][0]:.1f}x.",
               f"Planes both tools write: {len(common)} of gpustack's {n_out} (PyStack3D drops the last plane); "
               f"largest difference {max(diffs) if diffs else 0} grey level(s) (PyStack3D truncates, gpustack "
