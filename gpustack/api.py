@@ -262,7 +262,8 @@ def resample_z(stack: Any, z_in: Sequence[float], z_out: Sequence[float] | None 
                dz: float | None = None, device: str | None = None) -> tuple[Any, Any]:
     """Planes of a stack (N, H, W) at `z_out` (or every `dz` from the first z to the last, the last included)
     by linear interpolation between the slices at `z_in` (strictly increasing). Returns (planes, z_out); planes
-    are float32, of the same kind of array as the input. Output z outside [z_in[0], z_in[-1]] are dropped."""
+    are float32, of the same kind of array as the input. Output z outside [z_in[0], z_in[-1]] are a ValueError
+    naming them (no extrapolation)."""
     import numpy as np
     import torch
 

@@ -202,6 +202,18 @@ def test_slice_metadata_arrays(tmp_path):
     assert slice_metadata([])["z_pos"].shape == (0,)
 
 
+def test_beam_currents_for_the_statistics_are_put_on_one_scale(tmp_path):
+    """The runner's per-slice currents (stats.csv) follow slice_metadata: the most common unit, others converted;
+    a unit that cannot be converted is NaN there, not an error that stops a run."""
+    from gpustack.io.metadata import beam_currents
+    from gpustack.io.tiff import open_channel
+
+    for k, current in enumerate(["1.5 nA", "1510 pA", "1.52 nA", "3 V", None]):
+        write_slice(tmp_path / f"s{k}.tif", slice_xml(current=current))
+    source, _ = open_channel(tmp_path, ".")
+    np.testing.assert_allclose(beam_currents(list(source.slices)), [1.5, 1.51, 1.52, np.nan, np.nan])
+
+
 def test_slice_metadata_units_that_cannot_be_matched(tmp_path):
     write_slice(tmp_path / "a.tif", slice_xml(current="1.5 nA"))
     write_slice(tmp_path / "b.tif", slice_xml(current="3 V"))

@@ -9,7 +9,7 @@ import tifffile
 
 from conftest import write_params, write_stack
 from gpustack.config import load_workflow
-from gpustack.errors import ConfigError
+from gpustack.errors import ConfigError, GpustackError
 from gpustack.pipeline.runner import prepare, run
 from gpustack.synthetic import SyntheticSpec, generate
 from test_runner import CPU
@@ -110,6 +110,30 @@ def test_zpos_out_outside_the_stack_is_an_error_before_any_slice_is_read(tmp_pat
     assert "zpos_out" in capsys.readouterr().err and not (tmp_path / "process" / "resampling").exists()
 
 
+def test_policy_error_names_the_first_file_that_does_not_match(tmp_path):
+    folder = tmp_path
+    for name in ("slice_0000_z=0.0000um.tif", "slice_0001_z=0.0100um.tif", "slice_0002_zz=0.02um.tif"):
+        tifffile.imwrite(folder / name, np.zeros((4, 4), np.uint16))
+    params = 'process_steps = ["resampling"]\n[resampling]\ndz = 0.01\n'
+    with pytest.raises(ConfigError, match=r"'slice_0002_zz=0.02um.tif' does not match") as err:
+        prepare(load_workflow(write_params(tmp_path, params)))
+    assert "'slice_0000_z=0.0000um.tif' does not match" not in str(err.value) and err.value.key == "policy"
+    with pytest.raises(ConfigError, match=r"1 file name\(s\) do not match .* 'slice_0002_zz=0.02um.tif'"):
+        prepare(load_workflow(write_params(tmp_path, params + 'z_source = "names"\n')))
+
+
+def test_resample_z_numpy_in_numpy_out_and_no_extrapolation():
+    from gpustack.api import resample_z
+
+    stack = np.stack([np.full((3, 4), v, np.uint16) for v in (0, 10, 40)])
+    planes, z_out = resample_z(stack, [0.0, 1.0, 2.0], dz=0.5)
+    assert isinstance(planes, np.ndarray) and isinstance(z_out, np.ndarray) and planes.dtype == np.float32
+    np.testing.assert_allclose(planes[:, 0, 0], [0, 5, 10, 25, 40])
+    np.testing.assert_allclose(z_out, [0, 0.5, 1, 1.5, 2])
+    with pytest.raises(ValueError, match="outside the stack's z range"):
+        resample_z(stack, [0.0, 1.0, 2.0], [0.5, 2.5])
+
+
 def test_names_that_do_not_match_and_no_metadata(tmp_path):
     write_stack(tmp_path, n=3, tags=False)
     with pytest.raises(ConfigError, match="cannot be read"):
@@ -169,9 +193,13 @@ dz = 0.005
     assert changed["SE2"][shifted].all()
 
 
-def test_channels_of_different_sizes_are_refused(tmp_path):
+@pytest.mark.parametrize("n_esb, shape_esb", [(3, (30, 40)), (4, (30, 41))])
+def test_channels_of_different_counts_or_shapes_are_refused(tmp_path, capsys, n_esb, shape_esb):
     write_stack(tmp_path / "SE2", n=4)
-    write_stack(tmp_path / "ESB", n=3)
-    with pytest.raises(Exception, match="same number and size"):
-        prepare(load_workflow(write_params(tmp_path, 'channels = ["SE2", "ESB"]\nprocess_steps = ["cropping"]\n'
-                                                     '[cropping]\n')))
+    write_stack(tmp_path / "ESB", n=n_esb, shape=shape_esb)
+    params = write_params(tmp_path, 'channels = ["SE2", "ESB"]\nprocess_steps = ["cropping"]\n[cropping]\n')
+    with pytest.raises(GpustackError, match="same number and size"):
+        prepare(load_workflow(params))
+    from gpustack.cli import main
+    assert main(["run", str(params), "-q", "--device", "cpu"]) == 2
+    assert "ESB" in capsys.readouterr().err and not (tmp_path / "process" / "cropping").exists()

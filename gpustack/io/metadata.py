@@ -246,8 +246,10 @@ def slice_metadata(tif_paths: Iterable[str | Path]) -> dict[str, Any]:
             "beam_current_unit": unit}
 
 
-def _common_unit(currents: list[tuple[float | None, str | None, str]]) -> tuple[np.ndarray, str | None]:
-    """Values in one unit: the most common, others converted when both are known current units."""
+def _common_unit(currents: list[tuple[float | None, str | None, str]], *, strict: bool = True
+                 ) -> tuple[np.ndarray, str | None]:
+    """Values in one unit: the most common, others converted when both are known current units (a value that
+    cannot be converted is an error, or NaN when not `strict`)."""
     units = Counter(u for v, u, _ in currents if v is not None)
     unit = units.most_common(1)[0][0] if units else None
     out = np.full(len(currents), np.nan)
@@ -256,6 +258,8 @@ def _common_unit(currents: list[tuple[float | None, str | None, str]]) -> tuple[
             continue
         if u != unit:
             if u not in AMPERES or unit not in AMPERES:
+                if not strict:
+                    continue
                 raise InputError(f"{where}: beam current in {u or 'no unit'!s}, other slices in {unit or 'no unit'}; "
                                  "cannot put them on one scale")
             value = value * AMPERES[u] / AMPERES[unit]
@@ -264,19 +268,20 @@ def _common_unit(currents: list[tuple[float | None, str | None, str]]) -> tuple[
 
 
 def beam_currents(slices: list) -> np.ndarray:
-    """Per-slice beam current from the Fibics tag each `SliceInfo` keeps (NaN where absent), no file read."""
-    out = np.full(len(slices), np.nan)
-    for i, info in enumerate(slices):
+    """Per-slice beam current from the Fibics tag each `SliceInfo` keeps, no file read: in the slices' most common
+    unit, others converted (1510 pA beside 1.5 nA is 1.51); NaN where absent, unreadable or in a unit that
+    cannot be converted (the statistics are not the place to stop a run)."""
+    currents: list[tuple[float | None, str | None, str]] = []
+    for info in slices:
         value = next((t[3] for t in info.private_tags if t[0] == FIBICS_TAG), None)
-        if not isinstance(value, (str, bytes)):  # absent, or stored as numbers
-            continue
-        try:
-            current = parse_fibics(value, info.name)["beam_current"]
-        except InputError:
-            continue
-        if current is not None:
-            out[i] = current
-    return out
+        meta = {}
+        if isinstance(value, (str, bytes)):  # else absent, or stored as numbers
+            try:
+                meta = parse_fibics(value, info.name)
+            except InputError:
+                pass
+        currents.append((meta.get("beam_current"), meta.get("beam_current_unit"), info.name))
+    return _common_unit(currents, strict=False)[0]
 
 
 # --- both together: what a params.toml needs ----------------------------------------------------------------------

@@ -146,7 +146,7 @@ class Resampling(Step):
             return np.asarray(z, float), "Fibics metadata (ZPos)"
         if cfg.z_source == "metadata":
             raise ParamError("z_source", f"{len(missing)} slice(s) carry no Fibics ZPos, e.g. {missing[0]!r}")
-        raise ParamError("policy", f"the input z cannot be read: {names[0]!r} does not match {cfg.policy!r} and "
+        raise ParamError("policy", f"the input z cannot be read: {bad[0]!r} does not match {cfg.policy!r} and "
                                    f"{missing[0]!r} carries no Fibics ZPos; fix the policy, or give zpos_in")
 
     def plan(self, slices: list[SliceInfo]) -> ResamplePlan:
