@@ -122,3 +122,20 @@ def test_cli_exports_the_last_step_with_resampling_spacing(tmp_path, capsys):
     capsys.readouterr()
     assert main(["export", str(params), "--step", "nope"]) == 2
     assert "--step" in capsys.readouterr().err
+
+
+def test_export_streams_two_slices_at_a_time(tmp_path):
+    """Never the whole stack in memory: the peak of Python allocations stays at a few slices, 40 slices written."""
+    import tracemalloc
+
+    data = write_stack(tmp_path / "in", n=40, shape=(256, 256))
+    source, _ = open_channel(tmp_path / "in", ".")
+    one = data[0].nbytes
+    tracemalloc.start()
+    try:
+        export_stack(source, tmp_path / "out.tif", pixel_size=0.01)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 6 * one < data.nbytes / 6  # the stack is 40 slices
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "out.tif"), data)

@@ -203,3 +203,17 @@ def test_channels_of_different_counts_or_shapes_are_refused(tmp_path, capsys, n_
     from gpustack.cli import main
     assert main(["run", str(params), "-q", "--device", "cpu"]) == 2
     assert "ESB" in capsys.readouterr().err and not (tmp_path / "process" / "cropping").exists()
+
+
+def test_each_input_slice_is_read_once(tmp_path, monkeypatch):
+    """Streaming: the resampling pass reads every input slice exactly once, whatever the planes that use it."""
+    from gpustack.pipeline import reindex
+
+    zs = [0.0, 0.01, 0.02, 0.04, 0.05, 0.07, 0.08, 0.1]
+    _named_stack(tmp_path, zs)
+    reads: list[int] = []
+    original = reindex._read
+    monkeypatch.setattr(reindex, "_read", lambda source, k: (reads.append(k), original(source, k))[1])
+    _run(write_params(tmp_path, 'process_steps = ["resampling"]\n[resampling]\ndz = 0.005\n'))
+    assert sorted(reads) == list(range(len(zs)))
+    assert len(list((tmp_path / "process" / "resampling").glob("*.tif"))) == 21
