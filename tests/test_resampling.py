@@ -66,6 +66,7 @@ def test_z_from_fibics_metadata_when_the_names_carry_none(tmp_path):
                                                             '[resampling]\ndz = 0.005\n')))
     plan = prepared.plans[0]
     assert plan.source == "Fibics metadata (ZPos)"
+    assert any("do not match policy" in note for note in plan.notes)  # the user is told why
     assert len(plan.z_out) == 9
     _run(prepared.workflow.params_file)
     files = sorted((tmp_path / "process" / "resampling").glob("*.tif"))

@@ -165,6 +165,9 @@ class Resampling(Step):
                                        f"{kind} {names[k]!r} (z={z_in[k]:g}); {wrong.size} such pair(s) in all (from "
                                        f"{source})")
         notes = []
+        if cfg.z_source == "auto" and source.startswith("Fibics"):  # names are tried first: they did not match
+            notes.append(f"the file names do not match policy {cfg.policy!r}: z from each slice's Fibics ZPos "
+                         "(z_source = \"metadata\" says so and silences this)")
         lo, hi = float(z_in[0]), float(z_in[-1])
         if cfg.dz is not None:
             count = int(np.floor((hi - lo) / cfg.dz + 1e-6)) + 1
