@@ -471,3 +471,17 @@ def test_pystack3d_is_one_pixel_off_in_y_when_it_truncates_the_fov(tmp_path, mon
     assert ours["fov_px"] == 64 and any("truncates" in n for n in ours["notes"])
     assert theirs[:2] == ours["area"][:2] and theirs[2:] == [v - 1 for v in ours["area"][2:]]
     assert math.isclose(ours["fov_um"], 0.6399999)
+
+
+def test_export_takes_the_pixel_size_from_the_atlas_setup(tmp_path, capsys):
+    from gpustack.cli import main
+
+    make_run(tmp_path, n=3, pixel="0.004", fov_units="um")
+    (tmp_path / "params.toml").write_text('channels = ["SE2", "ESB"]\nprocess_steps = ["cropping"]\n[cropping]\n')
+    assert main(["run", str(tmp_path / "params.toml"), "-q", "--device", "cpu"]) == 0
+    assert main(["export", str(tmp_path / "params.toml")]) == 0
+    assert "pixel 0.004 um" in capsys.readouterr().err
+    with tifffile.TiffFile(tmp_path / "process" / "export" / "cropping_SE2.tif") as tif:
+        assert len(tif.pages) == 3 and tif.imagej_metadata["unit"] == "um"
+        x_resolution = tif.pages[0].tags["XResolution"].value
+        assert x_resolution[0] / x_resolution[1] == pytest.approx(1 / 0.004)  # pixels per um
