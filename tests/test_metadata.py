@@ -482,6 +482,6 @@ def test_export_takes_the_pixel_size_from_the_atlas_setup(tmp_path, capsys):
     assert main(["export", str(tmp_path / "params.toml")]) == 0
     assert "pixel 0.004 um" in capsys.readouterr().err
     with tifffile.TiffFile(tmp_path / "process" / "export" / "cropping_SE2.tif") as tif:
-        assert len(tif.pages) == 3 and tif.imagej_metadata["unit"] == "um"
+        assert len(tif.pages) == 3 and tif.imagej_metadata["unit"] == "micron"
         x_resolution = tif.pages[0].tags["XResolution"].value
         assert x_resolution[0] / x_resolution[1] == pytest.approx(1 / 0.004)  # pixels per um
