@@ -139,3 +139,12 @@ def test_export_streams_two_slices_at_a_time(tmp_path):
         tracemalloc.stop()
     assert peak < 6 * one < data.nbytes / 6  # the stack is 40 slices
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "out.tif"), data)
+
+
+def test_a_multipage_input_exports_without_a_double_extension(tmp_path):
+    data = np.arange(6 * 4 * 5, dtype=np.uint16).reshape(6, 4, 5)
+    tifffile.imwrite(tmp_path / "stack.tif", data)
+    params = write_params(tmp_path, 'channels = ["stack.tif"]\nprocess_steps = ["cropping"]\n[cropping]\n')
+    assert main(["run", str(params), "-q", "--device", "cpu"]) == 0
+    assert main(["export", str(params)]) == 0
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "process" / "export" / "cropping_stack.tif"), data)

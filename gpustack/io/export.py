@@ -13,6 +13,7 @@ The file appears under its final name only when complete.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -119,6 +120,7 @@ def export_step(project_dir: Path, step: str | None, out_dir: Path, channels: li
     written = []
     for channel in channels:
         source, _notes = open_channel(base, channel)
-        name = f"{step or 'input'}{'' if channel == '.' else '_' + channel}.tif"
+        label = re.sub(r"\.tiff?$", "", channel, flags=re.IGNORECASE)  # a multi-page input: stack.tif -> stack
+        name = f"{step or 'input'}{'' if channel == '.' else '_' + label}.tif"
         written.append(export_stack(source, out_dir / name, **kw))
     return written
