@@ -145,8 +145,9 @@ def register_stack(stack: Any, *, references: int = 1, estimator: str = "tiles",
     Each slice is matched to the `references` slices before it, and the positions are solved in robust least
     squares (references = 1: pairwise chaining, as PyStack3D). `estimator = "tiles"` (default): correlation on a
     binned copy, then `iterations` Newton iterations on the intensities moved by the median of
-    `tiles` x `tiles` tiles' updates (0: automatic), robust to structures that change between slices, each pair
-    neighbours measured both ways unless `symmetric` is False;
+    `tiles` x `tiles` tiles' updates (0: automatic), robust to structures that change between slices; pairs of
+    neighbouring slices are measured both ways unless `symmetric` is False (one way on slices under 128 px
+    after binning);
     `"correlation"`: the cross-correlation peak (1/upsample px) and `refine` whole-slice Gauss-Newton iterations.
     The parameters are registration_calculation's (README).
     """

@@ -386,3 +386,26 @@ def test_a_missing_pystackreg_is_named_before_the_run(tmp_path, monkeypatch):
                                     '[registration_calculation]\nengine = "pystackreg"\n')
     with pytest.raises(ConfigError, match=r"\[registration_calculation\].*engine.*pystackreg is not installed"):
         prepare(load_workflow(params))
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_neighbouring_pairs_are_measured_both_ways_in_the_api_and_the_step(tmp_path, monkeypatch, symmetric):
+    """The default measures each pair of neighbouring slices twice in the Newton stage (once each way), far pairs
+    once; `symmetric = false` measures every pair once. Counted at the fine stage, on slices of 160 x 170 (at
+    least SYMMETRIC_MIN_SIDE, below which pairs are measured one way)."""
+    import gpustack
+    from gpustack.kernels import translation
+    from tests.conftest import write_stack
+
+    rows = []
+    original = translation._fine
+    monkeypatch.setattr(translation, "_fine", lambda prep, mov, *a: (rows.append(mov.shape[0]),
+                                                                      original(prep, mov, *a))[1])
+    data = write_stack(tmp_path, n=6, shape=(160, 170))
+    gpustack.register_stack(data.astype(np.float32), references=2, symmetric=symmetric)
+    pairs = 5 + 4  # 5 neighbouring pairs, 4 two slices apart
+    assert sum(rows) == pairs + (5 if symmetric else 0)
+    rows.clear()
+    table = "[registration_calculation]\nreferences = 2\n" + ("" if symmetric else "symmetric = false\n")
+    _run(tmp_path, 'process_steps = ["registration_calculation"]\n' + table)
+    assert sum(rows) == pairs + (5 if symmetric else 0)

@@ -119,3 +119,23 @@ def test_constant_slice_unchanged_and_batch_equals_single_calls(device):
 def test_errors_name_the_parameter(kwargs, message):
     with pytest.raises(ValueError, match=message):
         destripe_wavelet(torch.zeros((1, 64, 80)), **{"wavelet": "coif3", "level": 2, "sigma": 4.0, **kwargs})
+
+
+@pytest.mark.parametrize("angle", [0.0, 90.0, 30.0])
+def test_integer_slices_come_back_in_their_dtype_rounded(device, angle):
+    _, img = _striped((96, 120), angle=angle)
+    as_float = torch.as_tensor(img[None] * 100, dtype=torch.float32, device=device)
+    as_int = as_float.round().to(torch.int32)
+    out = destripe_wavelet(as_int, "coif3", 2, 4.0, angle=angle)
+    assert out.dtype == torch.int32 and out.shape == as_int.shape
+    reference = destripe_wavelet(as_int.to(torch.float32), "coif3", 2, 4.0, angle=angle).round()
+    assert torch.equal(out, reference.to(torch.int32))
+
+
+@pytest.mark.parametrize("name", ["haar", "db2", "sym5", "bior2.2"])
+@pytest.mark.parametrize("shape", [(9, 13), (17, 31), (64, 48)])
+def test_filter_matches_pywavelets_at_every_level_and_odd_sizes(device, name, shape):
+    img = np.random.default_rng(1).normal(100, 20, size=shape)
+    for level in range(1, wavelet_level_max(shape, name) + 1):
+        got = destripe_wavelet(torch.as_tensor(img[None], device=device), name, level, 2.0)[0].cpu().numpy()
+        np.testing.assert_allclose(got, _reference(img, name, level, 2.0), atol=1e-9)

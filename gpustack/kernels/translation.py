@@ -270,9 +270,10 @@ def measure(prep: Prepared, mov: torch.Tensor, ref: torch.Tensor, *, iterations:
     largely cancel (inverse consistency). Measured on consecutive pairs chained (RMS cumulative error against
     the known shifts): 1.23 -> 1.00 px on the workflow benchmark's 451^2 stack (its registration output 23.61 ->
     24.01 dB against the truth), 0.91 -> 0.87 px on the registration benchmark's 901^2 stack (1.48 -> 1.33 px
-    at most), for twice the fine stage's work. Pairs several slices apart, on that drifting stack, measured
-    worse both ways (4 references: 1.21 -> 1.66 px at most; the workflow stack: 1.80 -> 1.05 px). Slices
-    smaller than SYMMETRIC_MIN_SIDE at the fine level are measured one way."""
+    at most), for twice the fine stage's work. Pairs several slices apart measured worse both ways on that
+    drifting stack (4 references: 1.21 -> 1.66 px at most), better on the workflow stack (1.80 -> 1.05 px): the
+    callers measure them one way. Slices smaller than SYMMETRIC_MIN_SIDE at the fine level are measured one way.
+    The mask must be on the host (a CUDA mask would make this wait for the device)."""
     shift, quality = _coarse(prep, mov, ref)
     h, w = prep.fine.shape[1:]
     n_tiles = default_tiles(h * prep.lk_bin, w * prep.lk_bin, prep.lk_bin) if tiles is None else int(tiles)

@@ -208,9 +208,10 @@ def destripe_wavelet(stack: torch.Tensor, wavelet: str = "coif3", level: int = 4
                           for i in range(stack.shape[0])])
     a = float(angle) % 180.0
     if a == 0.0:
-        return _destripe_vertical(stack, wavelet, level, sigma)
+        return _as_dtype(_destripe_vertical(stack, wavelet, level, sigma), stack.dtype)
     if a == 90.0:
-        return _destripe_vertical(stack.transpose(-1, -2), wavelet, level, sigma).transpose(-1, -2).contiguous()
+        out = _destripe_vertical(stack.transpose(-1, -2), wavelet, level, sigma).transpose(-1, -2).contiguous()
+        return _as_dtype(out, stack.dtype)
     # Rotate a copy so the stripes are vertical, on a canvas that holds the whole slice; the border is mirrored.
     h, w = stack.shape[-2:]
     r = math.radians(a)
@@ -225,4 +226,16 @@ def destripe_wavelet(stack: torch.Tensor, wavelet: str = "coif3", level: int = 4
     back = _rotation_grid((h, w), (ch, cw), -r, stack.device).expand(x.shape[0], -1, -1, -1)
     correction = torch.nn.functional.grid_sample(correction[:, None], back, mode="bilinear", padding_mode="border",
                                                  align_corners=True)[:, 0]
-    return (stack.to(torch.float32) + correction).to(stack.dtype)
+    return _as_dtype(stack.to(torch.float32) + correction, stack.dtype)
+
+
+def _as_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The input's dtype back: integers rounded to nearest and clipped to their range, not truncated."""
+    import torch
+
+    if x.dtype == dtype:
+        return x
+    if dtype.is_floating_point:
+        return x.to(dtype)
+    info = torch.iinfo(dtype)
+    return x.round().clamp_(info.min, info.max).to(dtype)
