@@ -230,12 +230,7 @@ def destripe_wavelet(stack: torch.Tensor, wavelet: str = "coif3", level: int = 4
 
 
 def _as_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The input's dtype back: integers rounded to nearest and clipped to their range, not truncated."""
-    import torch
+    """The input's dtype back; uint8, uint16 and int16 rounded to nearest and clipped, as slices are stored."""
+    from gpustack.kernels.cast import to_storage
 
-    if x.dtype == dtype:
-        return x
-    if dtype.is_floating_point:
-        return x.to(dtype)
-    info = torch.iinfo(dtype)
-    return x.round().clamp_(info.min, info.max).to(dtype)
+    return x if x.dtype == dtype else to_storage(x, dtype, nan_possible=False).to(dtype)
