@@ -382,7 +382,6 @@ def main() -> None:
         for rep in range(args.repeats):
             for name, c in runs.items():
                 c.reset()
-                os.sync()  # no contender pays for the write-back of the previous one's output
                 if cache == "cold" and not evict(inputs):
                     raise SystemExit("this OS cannot drop files from the page cache; use --cache warm")
                 seconds, peak = timed(c.cmd)

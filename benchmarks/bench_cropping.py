@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -126,7 +125,6 @@ def main() -> None:
             for rep in range(args.repeats):
                 for name, (reset, cmd) in runs.items():
                     reset()
-                    os.sync()  # no contender pays for the write-back of the previous one's output
                     if cache == "cold" and not evict(inputs):
                         raise SystemExit("this OS cannot drop files from the page cache; use --cache warm")
                     seconds, peak = timed(cmd)

@@ -4,8 +4,9 @@ A synthetic uint16 stack whose slices drift by a random walk (known shifts) is c
 gpustack and by PyStack3D (nproc = 2) from the same params.toml. Each tool runs three times as a fresh process,
 warm cache: cropping only, cropping + registration_calculation, then registration_transformation alone on that
 result, so that the estimation and the warp are timed against the cropping-only run. gpustack's runs, a few
-seconds each, are repeated (--repeats, median): single runs varied by +-0.5 s on a shared 2-core machine. Accuracy: the cumulative
-displacement of every slice (from each tool's tmats.npy, the same file format) against the known shifts.
+seconds each, are repeated (--repeats, median): single runs varied by +-0.5 s on a shared 2-core machine.
+Accuracy: the cumulative displacement of every slice (from each tool's tmats.npy, the same file format) against
+the known shifts.
 
     python benchmarks/bench_registration.py              # 200 slices of 1024², about 6 min
     python benchmarks/bench_registration.py --quick      # 40 slices of 256², no RESULTS.md

@@ -115,7 +115,7 @@ def test_symmetric_measurement_is_inverse_consistent_and_errs_less(device, chang
     """Consecutive slices of a scene that does not move but whose structures change: the shift measured one
     way depends on which slice is the reference (mov->ref is not minus ref->mov; measured: 0.09 px apart at
     most), and that bias adds up along a chain. Measured both ways and halved, the two directions agree exactly
-    and every apparent step is smaller (RMS 0.076 -> 0.062 px on this stack; seeds 2 and 3: 0.051 -> 0.044,
+    and the apparent steps are smaller (RMS 0.076 -> 0.062 px on this stack; seeds 2 and 3: 0.051 -> 0.044,
     0.081 -> 0.071)."""
     st, z = changing_scene, changing_scene.spec.z_step
     prep = prepare(torch.from_numpy(np.stack([st.truth(k * z) for k in range(24)])).to(device))

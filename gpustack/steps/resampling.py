@@ -62,6 +62,9 @@ def _policy(value: Any) -> str:
     return text
 
 
+FROM_METADATA = "Fibics metadata (ZPos)"  # the z source that names the per-slice metadata
+
+
 @dataclass(frozen=True)
 class ResamplingConfig:
     policy: str = param("slice_{slice_nb}_z={z_coord}um.tif", _policy,
@@ -143,7 +146,7 @@ class Resampling(Step):
         z = [zpos_from_tags(s) for s in slices]
         missing = [n for n, v in zip(names, z) if v is None]
         if not missing:
-            return np.asarray(z, float), "Fibics metadata (ZPos)"
+            return np.asarray(z, float), FROM_METADATA
         if cfg.z_source == "metadata":
             raise ParamError("z_source", f"{len(missing)} slice(s) carry no Fibics ZPos, e.g. {missing[0]!r}")
         raise ParamError("policy", f"the input z cannot be read: {bad[0]!r} does not match {cfg.policy!r} and "
@@ -165,7 +168,7 @@ class Resampling(Step):
                                        f"{kind} {names[k]!r} (z={z_in[k]:g}); {wrong.size} such pair(s) in all (from "
                                        f"{source})")
         notes = []
-        if cfg.z_source == "auto" and source.startswith("Fibics"):  # names are tried first: they did not match
+        if cfg.z_source == "auto" and source == FROM_METADATA:  # names are tried first: they did not match
             notes.append(f"the file names do not match policy {cfg.policy!r}: z from each slice's Fibics ZPos "
                          "(z_source = \"metadata\" says so and silences this)")
         lo, hi = float(z_in[0]), float(z_in[-1])
