@@ -315,3 +315,31 @@ def test_statistics_of_written_integers_follow_from_the_output(device):
     assert torch.equal(derived[:, :2], direct[:, :2])
     torch.testing.assert_close(derived[:, 2], direct[:, 2])
     assert derived[1, 0].item() == 1234.0 and derived[0, 0].item() == 0.0 and derived[0, 1].item() == 65535.0
+
+
+def test_a_pass_takes_its_input_statistics_from_the_step_that_wrote_its_slices(tmp_path):
+    """intensity_rescaling needs a statistics pass, so it reads cropping's written slices in a second pass: their
+    statistics are the ones cropping measured as it wrote them (in this run, or read back from its stats.npy
+    in a later one), not a second pass over the slices; and they are the slices' true statistics."""
+    from gpustack.io.tiff import open_channel
+    from gpustack.pipeline.runner import _written_stats
+
+    write_stack(tmp_path, n=6, shape=(30, 40))
+    text = ('process_steps = ["cropping", "intensity_rescaling"]\n[cropping]\narea = [5, 35, 2, 27]\n'
+            "[intensity_rescaling]\nnbins = {}\n")
+    run_params(write_params(tmp_path, text.format(64)))
+    process = tmp_path / "process"
+    written = np.load(process / "cropping" / "outputs" / "stats.npy")[:, 2]
+    cropped = np.stack([tifffile.imread(p) for p in sorted((process / "cropping").glob("*.tif"))]).reshape(6, -1)
+    truth = np.stack([cropped.min(1), cropped.max(1), cropped.mean(1)], 1)
+    np.testing.assert_allclose(written, truth, rtol=1e-6)
+    np.testing.assert_array_equal(np.load(process / "intensity_rescaling" / "outputs" / "stats.npy")[:, 0], written)
+
+    run_params(write_params(tmp_path, text.format(32)))  # cropping up to date: its folder is read back
+    np.testing.assert_array_equal(np.load(process / "intensity_rescaling" / "outputs" / "stats.npy")[:, 0], written)
+
+    source, _ = open_channel(process / "cropping", ".")
+    np.testing.assert_array_equal(_written_stats({}, 0, ".", source, process / "cropping"), written)
+    (process / "cropping" / "slice_0005.tif").rename(process / "cropping" / "slice_0009.tif")
+    renamed, _ = open_channel(process / "cropping", ".")
+    assert _written_stats({}, 0, ".", renamed, process / "cropping") is None  # not those slices: measured again

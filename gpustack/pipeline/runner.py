@@ -8,6 +8,7 @@ step's `apply` runs once, and the stack is read once per statistics step, not on
 
 from __future__ import annotations
 
+import csv
 import os
 import shutil
 import time
@@ -177,6 +178,26 @@ def _commit(partial: Path, final: Path) -> None:
         shutil.rmtree(old)
 
 
+def _written_stats(known: dict[tuple[int, str], tuple[list[str], np.ndarray]], step: int, channel: str,
+                   source: Any, folder: Path) -> np.ndarray | None:
+    """(n, 3) statistics of the slices a pass reads, as the step that wrote them measured them (in this run, or
+    in its outputs/stats.npy from an earlier one), if they are those slices; None: measure them again."""
+    names = [s.name for s in source.slices]
+    if (step, channel) in known:
+        written_names, stats = known[(step, channel)]
+        return stats if written_names == names else None
+    outputs = (folder if channel == "." else folder / channel) / "outputs"
+    try:
+        table = np.load(outputs / "stats.npy")
+        with (outputs / "stats.csv").open(newline="") as fh:
+            written_names = [row["name"] for row in csv.DictReader(fh)]
+    except (OSError, ValueError, KeyError):
+        return None
+    if written_names != names or table.shape != (len(names), 3, 3):
+        return None
+    return table[:, 2, :].astype(np.float32)
+
+
 def _prewarm_plotting() -> None:
     """Import matplotlib on the reporter thread while the first pass runs, not on the main thread before it."""
     import gpustack.report.plotting  # noqa: F401
@@ -277,6 +298,7 @@ def run(prepared: Prepared, *, device_choice: Any, overwrite: bool = False, show
             _reshape(prepared, j)
 
     current_cache: dict[str, np.ndarray] = {}
+    written_stats: dict[tuple[int, str], tuple[list[str], np.ndarray]] = {}  # (step, channel): names, min/max/mean
 
     def currents(channel: str, boundary: int) -> np.ndarray:
         """Beam current of each slice at a step boundary: the input's, followed through any resampling."""
@@ -361,12 +383,15 @@ def run(prepared: Prepared, *, device_choice: Any, overwrite: bool = False, show
             fit_partials: dict[str, list] = {}
             runs_by_channel: dict[str, list[StepRun]] = {}
             for c_index, channel in enumerate(channels):
+                input_stats = None
                 if plan.source_step is None:
                     source = prepared.sources[channel]
                 else:
                     folder = (partials[plan.source_step] if plan.source_step in deferred
                               else process / steps[plan.source_step].name)
                     source, _ = open_channel(folder, channel)
+                    input_stats = _written_stats(written_stats, plan.source_step, channel, source,
+                                                 process / steps[plan.source_step].name)
                 out_dtype = torch.float32 if wf.output_dtype == "float32" else torch_dtype[str(source.dtype)]
                 runs = []
                 for i in indices:
@@ -379,7 +404,8 @@ def run(prepared: Prepared, *, device_choice: Any, overwrite: bool = False, show
                 fit = steps[plan.fit] if plan.fit is not None else None
                 if fit is not None and fit.fit_on_first_channel and c_index > 0:
                     fit = None
-                spec = PassSpec(source, runs, fit, push_region=bool(runs) and runs[0].region is not None)
+                spec = PassSpec(source, runs, fit, push_region=bool(runs) and runs[0].region is not None,
+                                input_stats=input_stats)
                 for j, i in enumerate(indices):  # reports that need no statistics: on the reporter, meanwhile
                     if steps[i].writes_slices and not steps[i].report_needs_pass:
                         reports.setdefault(i, []).append(reporter.submit(step_report, i, channel, runs[j]))
@@ -401,6 +427,10 @@ def run(prepared: Prepared, *, device_choice: Any, overwrite: bool = False, show
                         run_pass(spec, device=device, batch_size=batch, io_threads=min(8, (wf.nproc or 2) * 2),
                                  on_progress=advance)
                 runs_by_channel[channel] = runs
+                for j, i in enumerate(indices):
+                    if i in writes and runs[j].stats is not None:
+                        names = prepared.names[i + 1] if steps[i].reindexes else prepared.names[i]
+                        written_stats[(i, channel)] = (list(names), runs[j].stats[:, 6:9].copy())
                 for j, i in enumerate(indices):  # this channel's plots render while the next channel streams
                     reports.setdefault(i, []).append(reporter.submit(channel_report, i, channel, runs[j]))
                 if fit is not None:

@@ -48,6 +48,9 @@ class PassSpec:
     # The first step only keeps a region: read just its rows, take its columns before any arithmetic. Its input
     # statistics are then not computed (the rest of the slice is never read).
     push_region: bool = False
+    # (n, 3) min, max, mean of the source slices when known already (what the step that wrote them measured as
+    # it wrote them): taken as the first step's input statistics instead of a pass over every slice
+    input_stats: np.ndarray | None = None
 
 
 def _halo(runs: list[StepRun], fit: Step | None) -> tuple[int, int]:
@@ -185,7 +188,8 @@ def run_pass(spec: PassSpec, *, device: torch.device, batch_size: int, io_thread
             nan_possible = source.dtype.kind == "f"
             if converted is not None:
                 x = converted.view(-1)[: x.numel()].view(x.shape).copy_(x)
-            stats = [_nan_row(x[core]) if spec.push_region else stats_of(x[core], nan_possible)]
+            known = spec.push_region or spec.input_stats is not None
+            stats = [_nan_row(x[core]) if known else stats_of(x[core], nan_possible)]
             for j, r in enumerate(runs):
                 if r.region is not None and not (j == 0 and spec.push_region):
                     x = x[:, r.region[0], r.region[1]]
@@ -226,6 +230,8 @@ def run_pass(spec: PassSpec, *, device: torch.device, batch_size: int, io_thread
                 on_progress(b1 - b0)
         while pending_writes:
             pending_writes.popleft().result()
+        if spec.input_stats is not None and runs:
+            runs[0].stats[:, :3] = spec.input_stats
     finally:
         for _slot, _w0, _w1, futures in pending_reads:
             for f in futures:
