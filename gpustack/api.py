@@ -228,19 +228,22 @@ def _filters_table(filters: Sequence[Any]) -> list[dict]:
 
 def destripe_vsnr(stack: Any, filters: Sequence[Any], *, maxit: int = 100, cvg_threshold: float = 0.0,
                   beta: float = 10.0, stripe_gate: bool = True, stripe_gate_range: Sequence[float] = (1.4, 2.0),
-                  warm_start: bool = False, engine: str = "gpustack", device: str | None = None,
-                  batch_size: int = 8) -> tuple[Any, dict[str, Any]]:
+                  warm_start: bool = False, fast_fft: bool = True, engine: str = "gpustack",
+                  device: str | None = None, batch_size: int = 8) -> tuple[Any, dict[str, Any]]:
     """Remove curtains from a slice (H, W) or a stack (N, H, W) with VSNR; float32 result of the same kind.
 
     `filters`: PyStack3D's tables, e.g. [{"name": "Gabor", "noise_level": 20, "sigma": [0.5, 200], "theta": 0}]
     (or `NoiseFilter`s). Returns (destriped, info) with per-slice `stripe_ratio`, `weight` (the correction each
     slice got; all ones with `stripe_gate=False`, which is pyvsnr's and PyStack3D's behaviour) and `iterations`.
+    `fast_fft`: slices whose sides are slow FFT sizes are mirrored out to the next fast one (False: solved on
+    their own size, as pyvsnr).
     """
     from gpustack.steps.destriping import Destriping, DestripingConfig
 
     config = _config(DestripingConfig, "destripe_vsnr", filters=_filters_table(filters), maxit=maxit,
                      cvg_threshold=cvg_threshold, beta=beta, stripe_gate=stripe_gate,
-                     stripe_gate_range=list(stripe_gate_range), warm_start=warm_start, engine=engine)
+                     stripe_gate_range=list(stripe_gate_range), warm_start=warm_start, fast_fft=fast_fft,
+                     engine=engine)
     out, _state, records, back = _run_step(Destriping(config), stack, device, batch_size)
     return out, {k: back(v) for k, v in records.items() if k != "removed_rms"}
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+from gpustack.kernels.fft_sizes import fast_size_below
 from gpustack.kernels.vsnr import NoiseFilter
 
 if TYPE_CHECKING:
@@ -62,8 +63,9 @@ class StripeMeter:
         import torch
 
         # A central window at most MAX_SIDE wide: curtains run across the slice, so it holds them too, and the
-        # meter's cost stays small beside the correction's.
-        h, w = min(shape[0], MAX_SIDE), min(shape[1], MAX_SIDE)
+        # meter's cost stays small beside the correction's. Its sides are fast FFT sizes (451 -> 450: the FFT
+        # 7x faster for one row and column less).
+        h, w = fast_size_below(min(shape[0], MAX_SIDE)), fast_size_below(min(shape[1], MAX_SIDE))
         self.window = (slice((shape[0] - h) // 2, (shape[0] - h) // 2 + h),
                        slice((shape[1] - w) // 2, (shape[1] - w) // 2 + w))
         fy = torch.fft.fftfreq(h, device=device, dtype=torch.float64)[:, None]

@@ -43,6 +43,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from gpustack.kernels.fft_sizes import fast_size
+
 TILE_PX = 48  # target tile side at the fine level
 MAX_TILES = 16
 MAX_STEP = 1.0  # fine-level px per iteration: beyond, the linearisation does not hold; the step is cut
@@ -84,19 +86,6 @@ def default_tiles(height: int, width: int, lk_bin: int) -> int:
     if side < MIN_TILES * MIN_SIDE:
         return 1
     return int(min(MAX_TILES, max(MIN_TILES, round(side / TILE_PX))))
-
-
-def fast_size(n: int) -> int:
-    """The smallest 2^a 3^b 5^c >= n: FFTs of such sizes are fast (901 = 17 x 53 is not)."""
-    size = n
-    while True:
-        m = size
-        for p in (2, 3, 5):
-            while m % p == 0:
-                m //= p
-        if m == 1:
-            return size
-        size += 1
 
 
 def _binned(x: torch.Tensor, factor: int) -> torch.Tensor:
@@ -309,4 +298,4 @@ def estimate_translations(ref: torch.Tensor, mov: torch.Tensor, *, iterations: i
     return measure(prep, idx + b, idx, iterations=iterations, tiles=tiles, symmetric=symmetric)
 
 
-__all__ = ["Prepared", "default_bins", "default_tiles", "estimate_translations", "fast_size", "measure", "prepare"]
+__all__ = ["Prepared", "default_bins", "default_tiles", "estimate_translations", "measure", "prepare"]

@@ -125,6 +125,9 @@ class DestripingConfig:
     engine: str = param("gpustack", choice("gpustack", "pyvsnr", "auto"),
                         "VSNR on the device (gpustack), or pyvsnr itself on a CPU process pool (auto: gpustack)")
     beta: float = param(10.0, number(0), "gpustack: ADMM penalty (pyvsnr's beta)")
+    fast_fft: bool = param(True, boolean, "gpustack: solve VSNR on slices mirrored out to the next FFT size made "
+                                          "of 2, 3 and 5 (e.g. 451 -> 480: FFTs 4.5x faster; false: on the "
+                                          "slice's own size, as pyvsnr)")
     warm_start: bool = param(False, boolean, "gpustack: start each batch from the previous batch's solution (pays "
                                              "only when neighbouring slices are nearly identical)")
     stripe_gate: bool = param(True, boolean, "gpustack: correct each slice in proportion to its measured stripes "
@@ -265,7 +268,8 @@ class Destriping(Step):
 
         cfg = self.config
         op = self._cached(("vsnr", shape, dev), lambda: VsnrOperator(
-            shape, list(cfg.filters), dev, beta=cfg.beta, fused=fuse_for_stack(shape, n_total)))
+            shape, list(cfg.filters), dev, beta=cfg.beta, fused=fuse_for_stack(shape, n_total),
+            fast_fft=cfg.fast_fft))
         result = solve(op, x, maxit=cfg.maxit, cvg_threshold=cfg.cvg_threshold,
                        warm=self._warm if cfg.warm_start else None)
         if cfg.warm_start:

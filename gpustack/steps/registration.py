@@ -294,7 +294,7 @@ def _padded(x: "torch.Tensor") -> "torch.Tensor":
     1.31 px RMS on the workflow benchmark's stack)."""
     import torch.nn.functional as F
 
-    from gpustack.kernels.translation import fast_size
+    from gpustack.kernels.fft_sizes import fast_size
 
     x = x - x.mean(dim=(-2, -1), keepdim=True)
     h, w = x.shape[-2:]
