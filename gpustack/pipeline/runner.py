@@ -199,7 +199,7 @@ def _written_stats(known: dict[tuple[int, str], tuple[list[str], np.ndarray]], s
 
 
 def _prewarm_plotting() -> None:
-    """Import matplotlib on the reporter thread while the first pass runs, not on the main thread before it."""
+    """Import the plotting (Pillow, its font) on the reporter thread while the first pass runs."""
     import gpustack.report.plotting  # noqa: F401
 
 

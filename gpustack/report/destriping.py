@@ -44,8 +44,7 @@ def write_destriping_report(report: Report, config: DestripingConfig) -> None:
         top.set_yscale("log")
         top.legend(loc="upper right", fontsize=8)
     else:
-        top.text(0.5, 0.5, "stripe_gate = false: every slice corrected, stripes not measured",
-                 ha="center", va="center", transform=top.transAxes)
+        top.note("stripe_gate = false: every slice corrected, stripes not measured")
     top.set_ylabel("ridge / isotropic power")
     top.set_title("destriping: stripes measured per slice")
     bottom.plot(k, weight, ".-", lw=0.8, ms=3, color="tab:green", label="correction weight")

@@ -11,9 +11,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
-from matplotlib import colormaps
-
 from gpustack.report.plotting import SINGLE, new_figure, save
+from gpustack.report.raster import viridis
 
 if TYPE_CHECKING:
     from gpustack.steps.base import Report
@@ -61,7 +60,7 @@ def write_rescaling_report(report: Report) -> None:
     fig = new_figure(13, 4, layout=None)
     fig.subplots_adjust(left=0.06, right=0.99, bottom=0.13, top=0.92, wspace=0.08)
     frames = np.unique(np.linspace(0, len(active) - 1, min(MAX_PROFILES, len(active))).round().astype(int))
-    colours = [colormaps["viridis"](k / max(1, len(active) - 1)) for k in frames]
+    colours = [tuple(c / 255) for c in viridis(frames / max(1, len(active) - 1))]
     for ax, title, h in zip(fig.subplots(1, 3, sharey=True), titles, hists.values()):
         for k, colour in zip(frames, colours):
             ax.plot(centres, h[k], lw=0.7, color=colour)

@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from matplotlib.patches import Rectangle
-
 from gpustack.report.plotting import SINGLE, new_figure, save
+from gpustack.report.raster import Rectangle
 
 if TYPE_CHECKING:
     from gpustack.steps.base import Report
