@@ -333,3 +333,23 @@ def test_too_few_samples_for_the_basis_is_a_config_error(tmp_path):
     params.write_text(params.read_text().replace("ind_min = 2\nind_max = 9\n", ""))
     with pytest.raises(ConfigError, match="skip_factors"):
         prepare(load_workflow(params))
+
+
+@pytest.mark.parametrize("basis", ["1 + x + y + x*y + x**2", "1 + x + y + z + x*y*z + y**2*z"])
+def test_background_thumbnails_are_the_fitted_polynomial(basis):
+    """The report's thumbnails (NumPy, on the reporter thread) are the step's own kernel's backgrounds on a
+    coarser grid of the same unit coordinates, for per-slice (2D) and stack (3D) fits."""
+    from gpustack.report.background import _thumbnail_backgrounds
+    from gpustack.steps.background import BkgRemoval, BkgRemovalConfig
+
+    step = BkgRemoval(BkgRemovalConfig(poly_basis=basis))
+    rng = np.random.default_rng(0)
+    n, q = 5, len(step.powers)
+    coefs = rng.normal(size=(n, q)) if step.dim == 2 else np.tile(rng.normal(size=q), (n, 1))
+    got = _thumbnail_backgrounds(step, coefs, n, (300, 200))
+    c = torch.from_numpy(coefs)
+    grid = (polynomial.slice_coefficients(step.powers, c) if step.dim == 2 else
+            polynomial.slice_coefficients(step.powers, c[0], torch.arange(n, dtype=torch.float64) / (n - 1)))
+    want = polynomial.evaluate(grid, 100, 67, torch.float64).numpy()
+    assert got.shape == (n, 100, 67)
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)

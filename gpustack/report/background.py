@@ -82,21 +82,21 @@ def _plot_coefs(path: Path, coefs: np.ndarray, powers) -> None:
 
 
 def _thumbnail_backgrounds(step: BkgRemoval, coefs: np.ndarray, n: int, shape: tuple[int, int]) -> np.ndarray:
-    """Each slice's fitted background on a grid of about THUMBNAIL px (same unit coordinates, fewer points),
-    evaluated by the step's own kernel, on the CPU."""
-    import torch
-
-    from gpustack.kernels import polynomial
-
+    """Each slice's fitted background on a grid of about THUMBNAIL px (the same unit coordinates as the fit,
+    fewer points), in NumPy without BLAS: this runs on the reporter thread, and a torch (OpenMP) or BLAS kernel
+    there leaves that thread's worker threads spinning beside the passes' (measured: the next pass's VSNR
+    iterations 2.6 -> 6.3 ms each on 2 cores)."""
     height, width = shape
     f = THUMBNAIL / max(height, width)
     h, w = max(2, round(height * f)), max(2, round(width * f))
-    c = torch.from_numpy(np.ascontiguousarray(coefs, dtype=np.float64))
+    powers = np.asarray(step.powers)  # (q, 2 or 3): x, y (and z) exponents of each term
+    c = np.ascontiguousarray(coefs, dtype=np.float64)
     if step.dim == 3:  # one polynomial for the stack (coefs holds it once per slice), taken at each slice's z
-        grid = polynomial.slice_coefficients(step.powers, c[0], torch.arange(n, dtype=torch.float64) / max(1, n - 1))
-    else:
-        grid = polynomial.slice_coefficients(step.powers, c)
-    return polynomial.evaluate(grid, h, w, torch.float64).numpy()
+        z = np.arange(n, dtype=np.float64) / max(1, n - 1)
+        c = c[0][None, :] * z[:, None] ** powers[:, 2][None, :]
+    ys = np.linspace(0.0, 1.0, h)[:, None] ** powers[:, 1][None, :]  # (h, q)
+    xs = np.linspace(0.0, 1.0, w)[:, None] ** powers[:, 0][None, :]  # (w, q)
+    return np.einsum("bk,hk,wk->bhw", c, ys, xs)  # optimize=False: plain loops, no BLAS threads
 
 
 def _write_thumbnails(folder: Path, step: BkgRemoval, coefs: np.ndarray, names: list[str],

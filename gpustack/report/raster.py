@@ -421,6 +421,8 @@ class _Painter:
             self._image(layer, image, ox, oy)
         for y0, y1, color, alpha, _ in ax.spans:
             top, bottom = self.py(ax._y_of(np.array([y1, y0])))
+            if not (math.isfinite(top) and math.isfinite(bottom)):  # a band at or below 0 on a log axis
+                continue
             shade = Image.new("RGBA", layer.size, (*rgb(color), 0))
             ImageDraw.Draw(shade).rectangle((0, top - oy, layer.size[0], bottom - oy), fill=(*rgb(color),
                                                                                               round(255 * alpha)))
