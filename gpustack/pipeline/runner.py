@@ -266,7 +266,9 @@ def run(prepared: Prepared, *, device_choice: Any, overwrite: bool = False, show
     timings: dict[str, float] = {}
     partials: dict[int, Path] = {}
     # Statistics files, plots and the swap of finished step folders run on a reporter thread while the next
-    # pass computes; a pass reads its source step's slices from that step's partial folder if need be.
+    # pass computes; a pass reads its source step's slices from that step's partial folder if need be. Reports
+    # run no torch (OpenMP) or BLAS kernel: that thread's idle workers would then compete with the passes' for as
+    # long as it lives (measured: VSNR iterations 2.4x slower; see report/background.py).
     reporter = ThreadPoolExecutor(1, thread_name_prefix="gpustack-report")
     reporter.submit(_prewarm_plotting)
     finishing: dict[int, Future] = {}
