@@ -343,3 +343,43 @@ def test_a_pass_takes_its_input_statistics_from_the_step_that_wrote_its_slices(t
     (process / "cropping" / "slice_0005.tif").rename(process / "cropping" / "slice_0009.tif")
     renamed, _ = open_channel(process / "cropping", ".")
     assert _written_stats({}, 0, ".", renamed, process / "cropping") is None  # not those slices: measured again
+
+
+def test_reports_run_no_parallel_torch_kernel_on_the_reporter_thread(tmp_path, monkeypatch):
+    """A torch kernel large enough to run in parallel, on the reporter thread, left that thread's OpenMP
+    workers competing with every later pass for as long as the thread lived (measured: VSNR iterations 2.4x
+    slower). Every report of a workflow runs here under a dispatch mode that records such kernels: none."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    import gpustack.pipeline.runner as runner_module
+
+    big: list[str] = []
+
+    class RecordBig(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if any(isinstance(t, torch.Tensor) and t.numel() >= 32768 for t in tree_flatten(out)[0]):
+                big.append(str(func))
+            return out
+
+    class Watched(ThreadPoolExecutor):
+        def submit(self, fn, /, *args, **kwargs):
+            def watched(*a, **k):
+                with RecordBig():
+                    return fn(*a, **k)
+            return super().submit(watched, *args, **kwargs)
+
+    monkeypatch.setattr(runner_module, "ThreadPoolExecutor", Watched)
+    write_stack(tmp_path, n=12, shape=(64, 64))
+    params = write_params(tmp_path, (
+        'process_steps = ["cropping", "bkg_removal", "intensity_rescaling", "registration_calculation", '
+        '"registration_transformation", "destriping"]\n[cropping]\narea = [0, 64, 0, 64]\n'
+        "[bkg_removal]\ndim = 3\norders = [1, 1, 1]\nskip_factors = [4, 4, 2]\n"
+        "[intensity_rescaling]\nnbins = 64\n[registration_calculation]\ntransformation = \"TRANSLATION\"\n"
+        '[destriping]\nmaxit = 3\nfilters = [{ name = "Gabor", noise_level = 20, sigma = [0.5, 30], theta = 0 }]\n'))
+    run_params(params)
+    assert (tmp_path / "process" / "bkg_removal" / "outputs" / "bkgs" / "slice_0000.png").exists()
+    assert big == []
