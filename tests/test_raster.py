@@ -86,7 +86,7 @@ def test_image_origin_colour_bar_rectangle_twin_axes_and_legend(tmp_path):
     bottom.plot([0, 5], [0, 1], ".-", label="a line")
     bottom.axhline(0.5, color="grey", ls="--", label="a level")
     bottom.axhspan(0.2, 0.3, color="tab:orange", alpha=0.2, label="a band")
-    bottom.add_patch(Rectangle((1, 0.1), 2, 0.5, fill=False, color="red"))
+    bottom.add_patch(Rectangle((1, 0.1), 2, 0.5, color="red"))
     bottom.legend(loc="upper left", fontsize=8)
     twin = bottom.twinx()
     twin.plot([0, 5], [10, 0], color="tab:purple")

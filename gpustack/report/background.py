@@ -62,7 +62,7 @@ def _plot_coefs(path: Path, coefs: np.ndarray, powers) -> None:
     cols = math.ceil(math.sqrt(q))
     rows = math.ceil(q / cols)
     width, height = 3.2 * cols, 2.4 * rows
-    # Margins and gaps in inches, so that they hold for any grid (the layout solver took half of the plot's time)
+    # Margins and gaps in inches, so that they hold for any grid
     left, right, bottom, top, gap = 0.6, 0.15, 0.45, 0.55, 0.65
     fig = new_figure(width, height, margins=(left, right, bottom, top))
     fig.subplots_adjust(wspace=gap / ((width - left - right - (cols - 1) * gap) / cols),
@@ -121,7 +121,7 @@ def _plot_profiles(path: Path, profiles: np.ndarray, axis: str) -> None:
         lo = np.nanmin(profiles[:, :, 0], axis=0)
         hi = np.nanmax(profiles[:, :, 1], axis=0)
         mean = np.nanmean(profiles[:, :, 2], axis=0)
-    fig = new_figure(12, 3.6, layout=None)  # the stats.png plots' panels and margins, no layout solver
+    fig = new_figure(12, 3.6)  # the stats.png plots' panels and margins
     fig.subplots_adjust(**THREE_PANELS)
     axes = fig.subplots(1, 3)
     for ax, what, values in zip(axes, ("Min", "Max", "Mean"), (lo, hi, mean)):

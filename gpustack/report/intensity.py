@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
+
 from gpustack.report.plotting import SINGLE, new_figure, save
 from gpustack.report.raster import viridis
 
@@ -44,20 +45,18 @@ def write_rescaling_report(report: Report) -> None:
     edges = state["edges"].cpu().numpy()
     np.save(out / "bin_edges.npy", edges)
     titles = ("original", "reference", "final")
-    # Fixed margins, not the constrained layout's solver (about 40 % of a plot's time); the colour bars take
-    # their room from each panel.
-    fig = new_figure(13, 4, layout=None)
+    # the colour bars take their room from each panel
+    fig = new_figure(13, 4)
     fig.subplots_adjust(left=0.05, right=0.965, bottom=0.13, top=0.92, wspace=0.3)
     for ax, title, h in zip(fig.subplots(1, 3), titles, hists.values()):
-        image = ax.imshow(h, aspect="auto", origin="lower", interpolation="nearest",
-                          extent=(edges[0], edges[-1], -0.5, len(h) - 0.5))
+        image = ax.imshow(h, origin="lower", extent=(edges[0], edges[-1], -0.5, len(h) - 0.5))
         ax.set_title(title)
         ax.set_xlabel("grey level")
         ax.set_ylabel("frame")
         fig.colorbar(image, ax=ax, shrink=0.8)
     save(fig, out / "intensity_rescaling_maps.png")
     centres = (edges[1:] + edges[:-1]) / 2
-    fig = new_figure(13, 4, layout=None)
+    fig = new_figure(13, 4)
     fig.subplots_adjust(left=0.06, right=0.99, bottom=0.13, top=0.92, wspace=0.08)
     frames = np.unique(np.linspace(0, len(active) - 1, min(MAX_PROFILES, len(active))).round().astype(int))
     colours = [tuple(c / 255) for c in viridis(frames / max(1, len(active) - 1))]

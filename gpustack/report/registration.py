@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+
 from gpustack.report.plotting import SINGLE, new_figure, save
 from gpustack.report.raster import Rectangle
 
@@ -46,8 +47,8 @@ def cumulate(pairwise: np.ndarray) -> np.ndarray:
 
 def _plot_components(path: Path, per_block: list[dict[str, np.ndarray]], title: str) -> None:
     keys = list(per_block[0])
-    # fixed margins: the constrained layout's solver took half of the plot's time
-    fig = new_figure(3.6 * len(keys), 3.2, layout=None)
+    # margins in inches, whatever the number of panels
+    fig = new_figure(3.6 * len(keys), 3.2)
     fig.subplots_adjust(left=0.6 / (3.6 * len(keys)), right=1 - 0.2 / (3.6 * len(keys)), bottom=0.16, top=0.8,
                         wspace=0.3)
     axes = np.atleast_1d(fig.subplots(1, len(keys)))
@@ -114,7 +115,7 @@ def write_transformation_report(step: "RegistrationTransformation", report: "Rep
         fig = new_figure(5, 5 * height / max(1, width), margins=SINGLE)
         ax = fig.subplots()
         ax.add_patch(Rectangle((cols.start, rows.start), cols.stop - cols.start, rows.stop - rows.start,
-                               fill=False, color="red"))
+                               color="red"))
         ax.set_xlim(0, width)
         ax.set_ylim(height, 0)
         ax.set_aspect("equal")

@@ -35,9 +35,8 @@ def write_stats(outputs_dir: Path, stats: np.ndarray, names: list[str], title: s
 def plot_stats(path: Path, stats: np.ndarray, title: str) -> None:
     from gpustack.report.plotting import THREE_PANELS, new_figure, save
 
-    # Fixed margins instead of the constrained layout: one of these per step and channel, and the layout engine
-    # is a third of its cost; the three panels and their labels fit these margins at any slice count.
-    fig = new_figure(12, 3.6, layout=None)
+    # the three panels and their labels fit these margins at any slice count
+    fig = new_figure(12, 3.6)
     fig.subplots_adjust(**THREE_PANELS)
     axes = fig.subplots(1, 3)
     x = np.arange(len(stats))
