@@ -337,12 +337,19 @@ def test_a_pass_takes_its_input_statistics_from_the_step_that_wrote_its_slices(t
 
     run_params(write_params(tmp_path, text.format(32)))  # cropping up to date: its folder is read back
     np.testing.assert_array_equal(np.load(process / "intensity_rescaling" / "outputs" / "stats.npy")[:, 0], written)
-
     source, _ = open_channel(process / "cropping", ".")
     np.testing.assert_array_equal(_written_stats({}, 0, ".", source, process / "cropping"), written)
     (process / "cropping" / "slice_0005.tif").rename(process / "cropping" / "slice_0009.tif")
     renamed, _ = open_channel(process / "cropping", ".")
     assert _written_stats({}, 0, ".", renamed, process / "cropping") is None  # not those slices: measured again
+    (process / "cropping" / "slice_0009.tif").rename(process / "cropping" / "slice_0005.tif")
+    history = text.format(16).replace('["cropping", "intensity_rescaling"]', '["intensity_rescaling"]\nhistory = '
+                                      '["cropping"]')
+    table = np.load(process / "cropping" / "outputs" / "stats.npy")
+    table[:, 2] = -1.0  # what cropping's file says is what the next run takes, without reading the slices for it
+    np.save(process / "cropping" / "outputs" / "stats.npy", table)
+    run_params(write_params(tmp_path, history), overwrite=True)  # PyStack3D's history: the input is cropping's
+    assert (np.load(process / "intensity_rescaling" / "outputs" / "stats.npy")[:, 0] == -1.0).all()
 
 
 def test_reports_run_no_parallel_torch_kernel_on_the_reporter_thread(tmp_path, monkeypatch):

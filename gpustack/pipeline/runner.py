@@ -301,6 +301,7 @@ def run(prepared: Prepared, *, device_choice: Any, overwrite: bool = False, show
 
     current_cache: dict[str, np.ndarray] = {}
     written_stats: dict[tuple[int, str], tuple[list[str], np.ndarray]] = {}  # (step, channel): names, min/max/mean
+    history_input = _history_input(wf)
 
     def currents(channel: str, boundary: int) -> np.ndarray:
         """Beam current of each slice at a step boundary: the input's, followed through any resampling."""
@@ -388,6 +389,8 @@ def run(prepared: Prepared, *, device_choice: Any, overwrite: bool = False, show
                 input_stats = None
                 if plan.source_step is None:
                     source = prepared.sources[channel]
+                    if history_input:  # the slices of a step done in an earlier run (history)
+                        input_stats = _written_stats({}, -1, channel, source, process / history_input)
                 else:
                     folder = (partials[plan.source_step] if plan.source_step in deferred
                               else process / steps[plan.source_step].name)
