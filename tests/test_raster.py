@@ -116,3 +116,19 @@ def test_reports_draw_without_matplotlib():
             "gpustack.report.resampling; print('matplotlib' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_points_far_outside_fixed_limits_and_empty_or_all_nan_data_draw_nothing_and_do_not_fail():
+    fig, ax = _one_panel()
+    ax.plot([0, 1, 2], [1e12, -1e12, np.nan], ".-", color="red")
+    ax.set_xlim(0, 2)
+    ax.set_ylim(0, 1)
+    ax2 = Figure(3, 2).subplots()
+    ax2.plot([], [])
+    ax2.plot([1.0, 2.0], [np.nan, np.nan])
+    ax2.set_yscale("log")
+    ax2.axhspan(-1, 0, label="nothing on a log axis")
+    ax2.legend()
+    img = np.asarray(fig.render())
+    assert not any(_is_red(px) for px in img[:50].reshape(-1, 3))  # nothing drawn above the panel
+    assert np.asarray(ax2.fig.render()).shape == (200, 300, 3)

@@ -443,9 +443,9 @@ class _Painter:
                 self._polyline(pen, xs, ys, line.color, line.lw, line.ls)
             if line.marker:
                 radius = _px(line.ms * (0.25 if line.marker == "." else 0.5))
-                for x, y in zip(xs, ys):
-                    if math.isfinite(x) and math.isfinite(y):
-                        pen.ellipse((x - radius, y - radius, x + radius, y + radius), fill=rgb(line.color))
+                inside = np.isfinite(xs) & np.isfinite(ys) & (np.abs(xs) < 1e5) & (np.abs(ys) < 1e5)
+                for x, y in zip(xs[inside].tolist(), ys[inside].tolist()):  # points far outside: not drawn
+                    pen.ellipse((x - radius, y - radius, x + radius, y + radius), fill=rgb(line.color))
         self.canvas.paste(layer, box[:2], layer)
         if ax.frame:
             self.draw.rectangle(box, outline="black", width=max(1, round(_px(0.8))))
