@@ -121,6 +121,8 @@ def test_reports_draw_without_matplotlib():
 def test_points_far_outside_fixed_limits_and_empty_or_all_nan_data_draw_nothing_and_do_not_fail():
     fig, ax = _one_panel()
     ax.plot([0, 1, 2], [1e12, -1e12, np.nan], ".-", color="red")
+    ax.axhspan(-1e12, 1e12, color="tab:orange", alpha=0.2)
+    ax.add_patch(Rectangle((-1e12, -1e12), 2e12, 2e12, color="tab:green"))
     ax.set_xlim(0, 2)
     ax.set_ylim(0, 1)
     ax2 = Figure(3, 2).subplots()

@@ -422,19 +422,19 @@ class _Painter:
         for image in ax.images:
             self._image(layer, image, ox, oy)
         for y0, y1, color, alpha, _ in ax.spans:
-            top, bottom = self.py(ax._y_of(np.array([y1, y0])))
+            top, bottom = self.py(ax._y_of(np.array([y1, y0]))) - oy
             if not (math.isfinite(top) and math.isfinite(bottom)):  # a band at or below 0 on a log axis
                 continue
+            top, bottom = (float(np.clip(v, -1, layer.size[1] + 1)) for v in (top, bottom))
             shade = Image.new("RGBA", layer.size, (*rgb(color), 0))
-            ImageDraw.Draw(shade).rectangle((0, top - oy, layer.size[0], bottom - oy), fill=(*rgb(color),
-                                                                                              round(255 * alpha)))
+            ImageDraw.Draw(shade).rectangle((0, top, layer.size[0], bottom), fill=(*rgb(color), round(255 * alpha)))
             layer.alpha_composite(shade)
         for y, color, lw, ls, _ in ax.hlines:
             row = float(self.py(ax._y_of(np.array([y])))[0]) - oy
             self._polyline(pen, np.array([0.0, layer.size[0]]), np.array([row, row]), color, lw, ls)
         for patch in ax.patches:
-            xs = self.px(np.array([patch.x, patch.x + patch.width])) - ox
-            ys = self.py(np.array([patch.y, patch.y + patch.height])) - oy
+            xs = np.clip(self.px(np.array([patch.x, patch.x + patch.width])) - ox, -10, layer.size[0] + 10)
+            ys = np.clip(self.py(np.array([patch.y, patch.y + patch.height])) - oy, -10, layer.size[1] + 10)
             pen.rectangle((xs.min(), ys.min(), xs.max(), ys.max()), outline=rgb(patch.color),
                           width=max(1, round(_px(patch.lw))))
         for line in ax.lines:
