@@ -159,7 +159,6 @@ class Axes:
         self.hide_xticklabels = self.hide_yticklabels = False
         self.right = False  # y axis on the right (twinx, colour bars)
         self.twin = False  # drawn over its host: no frame, no x axis of its own
-        self.frame = True
         self._cycle = 0
 
     # -- what the reports call ----------------------------------------------------------------------------
@@ -240,7 +239,7 @@ class Axes:
 
     def twinx(self) -> Axes:
         twin = Axes(self.fig, self.rect)
-        twin.right, twin.twin, twin.frame = True, True, False
+        twin.right, twin.twin = True, True
         twin._cycle = len(self.lines)
         twin.share_x = self.share_x
         self.share_x.append(twin)
@@ -447,7 +446,7 @@ class _Painter:
                 for x, y in zip(xs[inside].tolist(), ys[inside].tolist()):  # points far outside: not drawn
                     pen.ellipse((x - radius, y - radius, x + radius, y + radius), fill=rgb(line.color))
         self.canvas.paste(layer, box[:2], layer)
-        if ax.frame:
+        if not ax.twin:
             self.draw.rectangle(box, outline="black", width=max(1, round(_px(0.8))))
         for text in ax.notes:
             self.draw.text(((box[0] + box[2]) / 2, (box[1] + box[3]) / 2), text, fill="black",
@@ -515,7 +514,7 @@ class _Painter:
         a, b = min(lo, hi), max(lo, hi)
         if log:
             ticks = _log_ticks(a, b)
-            return ticks, [tick_labels(np.array([10.0 ** t]))[0] for t in ticks]
+            return ticks, [f"{10.0 ** t:g}" for t in ticks]  # one value each: 0.1, 1, 10, 200
         target = int(min(8, max(3, round(length_px / _px(54)))))
         ticks = nice_ticks(a, b, target)
         return ticks, tick_labels(ticks)
