@@ -72,9 +72,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     workflow = _load(args)
     prepared = prepare(workflow)  # everything checked before the device or any slice is touched
-    from gpustack.device import resolve_device
+    from gpustack.device import host_choice, resolve_device
+    from gpustack.pipeline.runner import selects_only
 
-    choice = resolve_device(workflow.device)
+    # a workflow that only crops needs no device, nor torch (about a second of start-up)
+    choice = (host_choice(workflow.device) if selects_only(prepared) else None) or resolve_device(workflow.device)
     if not args.quiet:
         _describe(prepared)
         _log(f"device: {choice.description} ({choice.reason})")

@@ -1,17 +1,20 @@
 """Which device runs the kernels, and how many slices fit in one batch there.
 
 `auto` takes the first usable CUDA device and says so; `cuda`/`cuda:N` without a usable GPU is a DeviceError
-that names the reason. Kernels never ask: they run on the tensors they are given.
+that names the reason. Kernels never ask: they run on the tensors they are given. A workflow that only selects
+pixels (cropping) needs no device at all (`host_choice`): torch is imported only when a device is resolved.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from gpustack.errors import DeviceError
+
+if TYPE_CHECKING:
+    import torch
 
 CPU_BUDGET_CAP = 4 << 30  # larger CPU batches only add latency: the CPU is busy either way
 CPU_MAX_BATCH = 16
@@ -21,16 +24,30 @@ CUDA_MAX_BATCH = 128
 
 @dataclass(frozen=True)
 class DeviceChoice:
-    device: torch.device
+    device: torch.device | None  # None: no kernel runs, the slices are only copied on the host (`host_choice`)
     description: str  # e.g. "cuda:0 (NVIDIA H100, 79.1 GiB)" or "cpu (2 threads)"
     reason: str  # why this device: shown to the user
 
     @property
     def is_cuda(self) -> bool:
-        return self.device.type == "cuda"
+        return self.device is not None and self.device.type == "cuda"
+
+
+def host_choice(spec: str | None) -> DeviceChoice | None:
+    """The choice for a workflow whose steps only select pixels: no device, unless one was named explicitly.
+
+    `auto` and `cpu` give the host (no torch import; a GPU would only add two transfers per slice). An
+    explicit `cuda`/`cuda:N` gives None: it is resolved (and refused without a GPU) as for any workflow.
+    """
+    spec = (spec or "auto").strip().lower()
+    if spec not in ("auto", "cpu"):
+        return None
+    return DeviceChoice(None, "host (no device needed)", "the steps only crop: slices are copied as they are")
 
 
 def _cuda_unavailable_reason() -> str:
+    import torch
+
     if torch.version.cuda is None:
         return ("this PyTorch build has no CUDA support (torch " + torch.__version__ + "); install a CUDA-enabled "
                 "PyTorch build for your driver")
@@ -44,11 +61,15 @@ def _cuda_unavailable_reason() -> str:
 
 
 def _describe_cuda(index: int) -> str:
+    import torch
+
     props = torch.cuda.get_device_properties(index)
     return f"cuda:{index} ({props.name}, {props.total_memory / 2**30:.1f} GiB)"
 
 
 def resolve_device(spec: str = "auto") -> DeviceChoice:
+    import torch
+
     spec = (spec or "auto").strip().lower()
     if spec == "cpu":
         return DeviceChoice(torch.device("cpu"), f"cpu ({torch.get_num_threads()} threads)", "requested")
@@ -73,8 +94,15 @@ def resolve_device(spec: str = "auto") -> DeviceChoice:
 def available_memory(device: torch.device) -> int:
     """Bytes the run may use on `device` if nobody said otherwise."""
     if device.type == "cuda":
+        import torch
+
         free, _total = torch.cuda.mem_get_info(device)
         return int(free * 0.6)  # leave room for cuFFT workspaces and other processes
+    return available_host_memory()
+
+
+def available_host_memory() -> int:
+    """Bytes a run may use in host memory for its batches: a quarter of what is free, at most 4 GiB."""
     try:
         avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):

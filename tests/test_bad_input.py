@@ -337,16 +337,22 @@ def test_file_truncated_after_validate_is_caught_by_run(tmp_path, capsys):
 
 
 def _shrink_after_validation(monkeypatch, victim: Path) -> None:
-    """`run` validates, then resolves the device: truncate `victim` at that moment, so the read itself fails."""
+    """`run` validates, then chooses the device (none for a crop): truncate `victim` at that moment, so the read
+    itself fails."""
     import gpustack.device as device
 
-    real = device.resolve_device
+    real_resolve, real_host = device.resolve_device, device.host_choice
 
     def resolve_then_truncate(spec="auto"):
         truncate_half(victim)
-        return real("cpu")
+        return real_resolve("cpu")
+
+    def host_then_truncate(spec="auto"):
+        truncate_half(victim)
+        return real_host("cpu")
 
     monkeypatch.setattr(device, "resolve_device", resolve_then_truncate)
+    monkeypatch.setattr(device, "host_choice", host_then_truncate)
 
 
 def test_file_truncated_during_the_run(tmp_path, capsys, monkeypatch):

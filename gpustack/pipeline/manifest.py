@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -26,14 +27,25 @@ def fingerprint(*parts: Any) -> str:
     return h.hexdigest()[:32]
 
 
+def _torch_version() -> str:
+    """torch's version without importing it (a run that only crops never loads torch)."""
+    if "torch" in sys.modules:
+        return sys.modules["torch"].__version__
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("torch")
+    except PackageNotFoundError:
+        return "not installed"
+
+
 def versions() -> dict[str, str]:
     import numpy
     import tifffile
-    import torch
 
     import gpustack
 
-    return {"gpustack": gpustack.__version__, "python": platform.python_version(), "torch": torch.__version__,
+    return {"gpustack": gpustack.__version__, "python": platform.python_version(), "torch": _torch_version(),
             "numpy": numpy.__version__, "tifffile": tifffile.__version__, "platform": platform.platform()}
 
 

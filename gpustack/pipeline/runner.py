@@ -27,7 +27,7 @@ from gpustack.steps import REGISTRY, Step
 from gpustack.steps.base import ParamError, Report
 
 if TYPE_CHECKING:
-    from gpustack.pipeline.stream import StepRun
+    from gpustack.pipeline.spec import StepRun
 
 
 @dataclass
@@ -198,6 +198,13 @@ def _written_stats(known: dict[tuple[int, str], tuple[list[str], np.ndarray]], s
     return table[:, 2, :].astype(np.float32)
 
 
+def selects_only(prepared: Prepared) -> bool:
+    """Whether every step only keeps a region of its input (cropping): such a workflow runs on the host, without
+    torch or a device (`host_pass`)."""
+    return all(step.region(shape) is not None and not step.has_fit and not step.reindexes
+               for step, shape in zip(prepared.steps, prepared.shapes))
+
+
 def _prewarm_plotting() -> None:
     """Import the plotting (Pillow, its font) on the reporter thread while the first pass runs."""
     import gpustack.report.plotting  # noqa: F401
@@ -205,12 +212,9 @@ def _prewarm_plotting() -> None:
 
 def run(prepared: Prepared, *, device_choice: Any, overwrite: bool = False, show_progress: bool = True,
         log: Callable[[str], None] = print) -> RunSummary:
-    import torch
-
-    from gpustack.device import batch_size_for
     from gpustack.pipeline.manifest import Manifest, fingerprint, versions
     from gpustack.pipeline.progress import progress_bar
-    from gpustack.pipeline.stream import PassSpec, StepRun, release_buffers, run_pass
+    from gpustack.pipeline.spec import PassSpec, StepRun
     from gpustack.report.stats import write_stats
     from gpustack.schema import to_jsonable
 
@@ -260,8 +264,15 @@ def run(prepared: Prepared, *, device_choice: Any, overwrite: bool = False, show
     last_writer = max((i for i, s in enumerate(steps) if s.writes_slices), default=None)
     read_by_later = {p.source_step for p in passes if p.source_step is not None}
     device = device_choice.device
+    on_host = device is None  # the steps only crop: NumPy passes, no torch (device.host_choice)
+    if on_host and not selects_only(prepared):
+        raise ValueError("a run without a device (host_choice) takes only steps that select pixels (cropping)")
+    if on_host:
+        from gpustack.pipeline.host_pass import host_batch_size, run_host_pass
+    else:
+        from gpustack.device import batch_size_for
+        from gpustack.pipeline.stream import TORCH_DTYPES, release_buffers, run_pass
     n = len(next(iter(prepared.sources.values())))
-    torch_dtype = {"uint8": torch.uint8, "uint16": torch.uint16, "float32": torch.float32}
     states: dict[int, dict[str, Any]] = {}
     timings: dict[str, float] = {}
     partials: dict[int, Path] = {}
@@ -352,7 +363,7 @@ def run(prepared: Prepared, *, device_choice: Any, overwrite: bool = False, show
         manifest.record_step(step.name, fingerprint=fps[i], params=to_jsonable(step.config), version=step.version,
                              slices=len(prepared.names[i + 1]), channels=channels, pass_number=number,
                              fused_with=[steps[k].name for k in indices], pass_seconds=round(elapsed, 3),
-                             slices_written=i in writes, device=str(device), shape_in=list(prepared.shapes[i]),
+                             slices_written=i in writes, device=str(device or "host"), shape_in=list(prepared.shapes[i]),
                              shape_out=list(prepared.shapes[i + 1]))
         manifest.save()
 
@@ -379,8 +390,13 @@ def run(prepared: Prepared, *, device_choice: Any, overwrite: bool = False, show
                                                                if plan.fit is not None else 0)
             # float32 temporaries have the shape the steps compute on: a first step that crops reads only its region
             computed = prepared.shapes[plan.first + 1] if steps[plan.first].region(shape_in) is not None else shape_in
-            batch = batch_size_for(device, 4 * shape_in[0] * shape_in[1] * work, budget=wf.memory_budget,
-                                   requested=wf.batch_size, plane_bytes=4 * computed[0] * computed[1], halo=halo)
+            if on_host:  # raw slices only, in their own dtype
+                batch = host_batch_size(prepared.sources[channels[0]].dtype.itemsize * shape_in[0] * shape_in[1],
+                                        budget=wf.memory_budget, requested=wf.batch_size)
+            else:
+                batch = batch_size_for(device, 4 * shape_in[0] * shape_in[1] * work, budget=wf.memory_budget,
+                                       requested=wf.batch_size, plane_bytes=4 * computed[0] * computed[1],
+                                       halo=halo)
             labels = [steps[i].name for i in indices] + ([f"statistics of {steps[plan.fit].name}"]
                                                         if plan.fit is not None else [])
             fit_partials: dict[str, list] = {}
@@ -397,7 +413,7 @@ def run(prepared: Prepared, *, device_choice: Any, overwrite: bool = False, show
                     source, _ = open_channel(folder, channel)
                     input_stats = _written_stats(written_stats, plan.source_step, channel, source,
                                                  process / steps[plan.source_step].name)
-                out_dtype = torch.float32 if wf.output_dtype == "float32" else torch_dtype[str(source.dtype)]
+                out_dtype = "float32" if wf.output_dtype == "float32" else str(source.dtype)
                 runs = []
                 for i in indices:
                     out_dir = None
@@ -421,16 +437,20 @@ def run(prepared: Prepared, *, device_choice: Any, overwrite: bool = False, show
                     r, step_plan = runs[0], prepared.plans[plan.first]
                     r.state = step_plan
                     with progress_bar(label, len(step_plan.names), enabled=show_progress, log=log) as advance:
-                        r.stats = run_reindex_pass(source, step_plan, r.out_dir, out_dtype, device=device,
-                                                   batch_size=batch, io_threads=min(8, (wf.nproc or 2) * 2),
-                                                   on_progress=advance)
+                        r.stats = run_reindex_pass(source, step_plan, r.out_dir, TORCH_DTYPES[out_dtype],
+                                                   device=device, batch_size=batch,
+                                                   io_threads=min(8, (wf.nproc or 2) * 2), on_progress=advance)
                 elif not writes and fit is None:  # nothing to write or measure (a result step last): no reading
                     for r in runs:
                         r.stats = np.full((len(source), 9), np.nan, dtype=np.float32)
                 else:
                     with progress_bar(label, len(source), enabled=show_progress, log=log) as advance:
-                        run_pass(spec, device=device, batch_size=batch, io_threads=min(8, (wf.nproc or 2) * 2),
-                                 on_progress=advance)
+                        if on_host:
+                            run_host_pass(spec, batch_size=batch, io_threads=min(8, (wf.nproc or 2) * 2),
+                                          on_progress=advance)
+                        else:
+                            run_pass(spec, device=device, batch_size=batch,
+                                     io_threads=min(8, (wf.nproc or 2) * 2), on_progress=advance)
                 runs_by_channel[channel] = runs
                 for j, i in enumerate(indices):
                     if i in writes and runs[j].stats is not None:
@@ -458,7 +478,8 @@ def run(prepared: Prepared, *, device_choice: Any, overwrite: bool = False, show
             future.result()
     finally:
         reporter.shutdown(wait=True, cancel_futures=True)
-        release_buffers()
+        if not on_host:
+            release_buffers()
         for partial in partials.values():
             shutil.rmtree(partial, ignore_errors=True)
     seconds = time.perf_counter() - started

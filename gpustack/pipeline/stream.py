@@ -11,46 +11,18 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from gpustack.io.tiff import StackSource, read_slice, write_slice
+from gpustack.io.tiff import read_slice, write_slice
 from gpustack.kernels.cast import INT_RANGES, to_storage
 from gpustack.kernels.stats import slice_stats
+from gpustack.pipeline.spec import N_STATS, PassSpec, StepRun
 from gpustack.steps.base import Batch, Step
 
-N_STATS = 9  # input, output, written x (min, max, mean)
-
-
-@dataclass
-class StepRun:
-    """A step inside a pass: the step, its fitted state, where its slices go, and its statistics."""
-
-    step: Step
-    state: Any = None
-    out_dir: Path | None = None  # None: this step's slices are not written in this pass
-    out_dtype: torch.dtype = torch.float32
-    region: tuple[slice, slice] | None = None  # (rows, cols) the step keeps, for steps that only select pixels
-    stats: np.ndarray | None = None  # (n, 9), filled by the pass
-    records: dict[str, np.ndarray] = field(default_factory=dict)  # per-slice records of `apply_recorded`
-
-
-@dataclass
-class PassSpec:
-    source: StackSource
-    runs: list[StepRun]
-    fit: Step | None = None  # step whose statistics pass runs on this pass's output
-    fit_partials: list[Any] = field(default_factory=list)
-    # The first step only keeps a region: read just its rows, take its columns before any arithmetic. Its input
-    # statistics are then not computed (the rest of the slice is never read).
-    push_region: bool = False
-    # (n, 3) min, max, mean of the source slices when known already (what the step that wrote them measured as
-    # it wrote them): taken as the first step's input statistics instead of a pass over every slice
-    input_stats: np.ndarray | None = None
+TORCH_DTYPES = {"uint8": torch.uint8, "uint16": torch.uint16, "float32": torch.float32}
 
 
 def _halo(runs: list[StepRun], fit: Step | None) -> tuple[int, int]:
@@ -205,13 +177,14 @@ def run_pass(spec: PassSpec, *, device: torch.device, batch_size: int, io_thread
                 if r.out_dir is None:
                     stats.append(_nan_row(out))
                     continue
-                if out.dtype == r.out_dtype:  # integer here means untouched input pixels: written as they are
+                out_dtype = TORCH_DTYPES[r.out_dtype]
+                if out.dtype == out_dtype:  # integer here means untouched input pixels: written as they are
                     stored, stored_stats = out, out_stats
                 else:
-                    stored = to_storage(out.to(torch.float32), r.out_dtype, nan_possible=nan_possible)
-                    stored_stats = _stored_stats(stored, out_stats, r.out_dtype, nan_possible)
+                    stored = to_storage(out.to(torch.float32), out_dtype, nan_possible=nan_possible)
+                    stored_stats = _stored_stats(stored, out_stats, out_dtype, nan_possible)
                 stats.append(stored_stats)
-                write(r, stored.to(r.out_dtype).cpu().numpy(), b0, b1, slot)  # sync: to the writer threads
+                write(r, stored.to(out_dtype).cpu().numpy(), b0, b1, slot)  # sync: to the writer threads
             if spec.fit is not None:
                 if not x.is_floating_point():
                     x = x.to(torch.float32)

@@ -1,0 +1,133 @@
+"""A pass whose steps only select pixels (cropping, cropping_final), run on the host with NumPy.
+
+Such a pass does no arithmetic: slices are read (only the kept rows of the first region), cut, measured and
+written as they are. Neither torch nor a device is needed, and not importing torch saves about a second of every
+cropping-only run (measured: 1.2-1.6 s for `import torch` on this project's 2-core machine, against ~2 s for
+the rest of a 200-slice crop). The output is the same, bit for bit, as the device pass's.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+
+from gpustack.io.tiff import read_slice, write_slice
+from gpustack.pipeline.spec import N_STATS, PassSpec
+
+HOST_MAX_BATCH = 16
+
+
+def host_batch_size(slice_bytes: int, *, budget: int | None = None, requested: int | None = None) -> int:
+    """Slices per batch for a host pass: what the user asked for, else what the budget holds, at most 16."""
+    if requested:
+        return requested
+    if budget is None:
+        from gpustack.device import available_host_memory
+
+        budget = available_host_memory()
+    return max(1, min(HOST_MAX_BATCH, budget // max(1, slice_bytes)))
+
+
+def host_stats(x: np.ndarray) -> np.ndarray:
+    """(n, H, W) -> (n, 3) float32 min, max, mean per slice; floats ignore NaN and inf (as `slice_stats`), and
+    a slice with no finite value gives NaN."""
+    flat = x.reshape(x.shape[0], -1)
+    out = np.empty((x.shape[0], 3), np.float32)
+    if flat.dtype.kind in "ui":
+        out[:, 0], out[:, 1] = flat.min(axis=1), flat.max(axis=1)
+        out[:, 2] = flat.sum(axis=1, dtype=np.uint64 if flat.dtype.kind == "u" else np.int64) / flat.shape[1]
+        return out
+    finite = np.isfinite(flat)
+    count = finite.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out[:, 0] = np.where(finite, flat, np.inf).min(axis=1)
+        out[:, 1] = np.where(finite, flat, -np.inf).max(axis=1)
+        out[:, 2] = np.where(finite, flat, 0).sum(axis=1, dtype=np.float64) / count
+    out[count == 0] = np.nan
+    return out
+
+
+def run_host_pass(spec: PassSpec, *, batch_size: int, io_threads: int = 4, prefetch: int = 2,
+                  on_progress: Callable[[int], None] | None = None) -> None:
+    """`stream.run_pass` for a pass of region steps (`spec.selects_only`), on the host."""
+    if not spec.selects_only:
+        raise ValueError("run_host_pass runs passes whose steps only select pixels, with nothing to fit")
+    source, runs = spec.source, spec.runs
+    n = len(source)
+    prefetch = max(prefetch, min(16, -(-2 * io_threads // batch_size)))
+    if spec.push_region:
+        rows, cols = runs[0].region
+    else:
+        rows, cols = slice(0, source.shape[0]), slice(None)
+    band = (rows.stop - rows.start, source.shape[1])
+    ring = [np.empty((batch_size, *band), source.dtype) for _ in range(prefetch + 1)]
+    ring_writes: list[list[Future]] = [[] for _ in ring]
+    for r in runs:
+        r.stats = np.full((n, N_STATS), np.nan, dtype=np.float32)
+    starts = list(range(0, n, batch_size))
+    readers = ThreadPoolExecutor(io_threads, thread_name_prefix="gpustack-read")
+    writers = ThreadPoolExecutor(io_threads, thread_name_prefix="gpustack-write")
+    pending_reads: deque[tuple[int, int, list[Future]]] = deque()
+    pending_writes: deque[Future] = deque()
+    max_writes = 2 * batch_size * max(1, sum(r.out_dir is not None for r in runs))
+    band_rows = rows if spec.push_region else None
+
+    def submit(batch_no: int) -> None:
+        b0 = starts[batch_no]
+        b1 = min(n, b0 + batch_size)
+        slot = batch_no % len(ring)
+        for f in ring_writes[slot]:
+            f.result()  # slices are written straight from the ring buffer: done before it is refilled
+        ring_writes[slot] = []
+        futures = [readers.submit(read_slice, source.slices[i], ring[slot][i - b0], band_rows) for i in range(b0, b1)]
+        pending_reads.append((slot, b1, futures))
+
+    try:
+        for k in range(min(prefetch, len(starts))):
+            submit(k)
+        for batch_no, b0 in enumerate(starts):
+            slot, b1, futures = pending_reads.popleft()
+            for f in futures:
+                f.result()  # raises the reader's InputError, naming the file
+            if batch_no + prefetch < len(starts):
+                submit(batch_no + prefetch)
+            x = ring[slot][: b1 - b0, :, cols]
+            known = spec.push_region or spec.input_stats is not None
+            in_stats = np.full((b1 - b0, 3), np.nan, np.float32) if known else host_stats(x)
+            for j, r in enumerate(runs):
+                if not (j == 0 and spec.push_region):
+                    x = x[:, r.region[0], r.region[1]]
+                out_stats = host_stats(x)
+                r.stats[b0:b1, :3] = in_stats
+                r.stats[b0:b1, 3:6] = out_stats
+                in_stats = out_stats
+                if r.out_dir is None:
+                    continue
+                # Pixels are untouched: an integer stack written as float32 holds the same values (exact up to
+                # 2**24, i.e. for uint8 and uint16), so the written statistics are the output's.
+                stored = x if x.dtype == np.dtype(r.out_dtype) else x.astype(r.out_dtype)
+                r.stats[b0:b1, 6:9] = out_stats
+                for i in range(b0, b1):
+                    future = writers.submit(write_slice, r.out_dir / source.slices[i].name, stored[i - b0],
+                                            source.slices[i])
+                    pending_writes.append(future)
+                    ring_writes[slot].append(future)
+            while len(pending_writes) > max_writes:
+                pending_writes.popleft().result()
+            if on_progress:
+                on_progress(b1 - b0)
+        while pending_writes:
+            pending_writes.popleft().result()
+        if spec.input_stats is not None and runs:
+            runs[0].stats[:, :3] = spec.input_stats
+    finally:
+        for _slot, _b1, futures in pending_reads:
+            for f in futures:
+                f.cancel()
+        for f in pending_writes:
+            f.cancel()
+        readers.shutdown(wait=True, cancel_futures=True)
+        writers.shutdown(wait=True, cancel_futures=True)

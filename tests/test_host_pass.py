@@ -1,0 +1,116 @@
+"""A workflow that only crops runs on the host, without torch: the same files and statistics as the device pass."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from gpustack.config import load_workflow
+from gpustack.device import host_choice, resolve_device
+from gpustack.kernels.stats import slice_stats
+from gpustack.pipeline.host_pass import host_stats
+from gpustack.pipeline.runner import prepare, run, selects_only
+from tests.conftest import write_params, write_stack
+
+CROPS = ('process_steps = ["cropping", "cropping_final"]\n'
+         "[cropping]\narea = [5, 35, 2, 27]\n[cropping_final]\narea = [1, 21, 3, 20]\n")
+
+
+def _run(params: Path, choice) -> None:
+    run(prepare(load_workflow(params)), device_choice=choice, show_progress=False, log=lambda m: None)
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "float32"])
+def test_host_stats_equal_the_device_kernel(dtype):
+    rng = np.random.default_rng(3)
+    if dtype == "float32":
+        x = rng.normal(0, 1e3, (5, 17, 23)).astype(np.float32)
+        x[1, 2, 3], x[2, 0, 0], x[2, 5, 5] = np.nan, np.inf, -np.inf
+        x[3] = np.nan  # no finite value: NaN for all three
+    else:
+        x = rng.integers(0, np.iinfo(dtype).max, (5, 17, 23), endpoint=True).astype(dtype)
+    x = x[:, 2:15, 1:20]  # a view, as the pass measures it
+    want = slice_stats(torch.from_numpy(np.ascontiguousarray(x)), nan_aware=True).numpy()
+    got = host_stats(x)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-6, equal_nan=True)
+    if dtype == "float32":
+        assert np.isnan(got[3]).all() and np.isfinite(got[[0, 1, 2, 4]]).all()
+
+
+CASES = {
+    "uint16, two crops, intermediate kept, batches of 3": ("", "uint16", 1, "batch_size = 3\n"),
+    "uint16, only the last crop written": ("", "uint16", 1, "save_intermediate = false\n"),
+    "uint16 written as float32": ("", "uint16", 1, 'output_dtype = "float32"\nbatch_size = 2\n'),
+    "float32 with NaN, two channels": ('channels = ["SE2", "ESB"]\n', "float32", 2, ""),
+    "uint8, ind_min/ind_max, deflated": ("ind_min = 2\nind_max = 8\n", "uint8", 1, ""),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_crop_on_the_host_writes_what_the_device_pass_writes(tmp_path, case):
+    head, dtype, channels, extra = CASES[case]
+    names = ["SE2", "ESB"] if channels == 2 else ["."]
+    for k, channel in enumerate(names):
+        folder = tmp_path / "host" / channel
+        data = write_stack(folder, n=9, dtype=dtype, seed=k, compression="zlib" if dtype == "uint8" else None)
+        if dtype == "float32":
+            data[4, 10, 10] = np.nan
+            tifffile.imwrite(folder / "slice_0004.tif", data[4],
+                             extratags=[(51023, "s", 0, "<FibicsImage><ZPos>0.0400</ZPos></FibicsImage>", True)])
+    shutil.copytree(tmp_path / "host", tmp_path / "device")
+    for side in ("host", "device"):
+        write_params(tmp_path / side, head + extra + CROPS)
+    host = prepare(load_workflow(tmp_path / "host" / "params.toml"))
+    assert selects_only(host)
+    run(host, device_choice=host_choice("auto"), show_progress=False, log=lambda m: None)
+    _run(tmp_path / "device" / "params.toml", resolve_device("cpu"))
+
+    out_host, out_device = tmp_path / "host" / "process", tmp_path / "device" / "process"
+    files = sorted(p.relative_to(out_host) for p in out_host.rglob("*.tif"))
+    assert files == sorted(p.relative_to(out_device) for p in out_device.rglob("*.tif"))
+    assert len(files) == (9 if "ind_min" not in head else 7) * channels * (1 if "save_intermediate" in extra else 2)
+    for rel in files:  # byte for byte: pixels, tags, compression
+        assert (out_host / rel).read_bytes() == (out_device / rel).read_bytes(), rel
+    tables = sorted(p.relative_to(out_host) for p in out_host.rglob("stats.npy"))
+    assert tables and tables == sorted(p.relative_to(out_device) for p in out_device.rglob("stats.npy"))
+    for rel in tables:
+        np.testing.assert_allclose(np.load(out_host / rel), np.load(out_device / rel), rtol=1e-6, equal_nan=True)
+    manifest = json.loads((out_host / "gpustack.json").read_text())
+    assert manifest["runs"][-1]["device"] == "host (no device needed)"
+
+
+def test_a_workflow_that_computes_is_not_run_on_the_host(tmp_path):
+    write_stack(tmp_path)
+    params = write_params(tmp_path, 'process_steps = ["cropping", "intensity_rescaling_area"]\n'
+                          "[cropping]\narea = [5, 35, 2, 27]\n[intensity_rescaling_area]\narea = [0, 10, 0, 10]\n")
+    prepared = prepare(load_workflow(params))
+    assert not selects_only(prepared)
+    with pytest.raises(ValueError, match="only steps that select pixels"):
+        run(prepared, device_choice=host_choice("cpu"), show_progress=False, log=lambda m: None)
+
+
+def test_explicit_cuda_is_not_replaced_by_the_host():
+    assert host_choice("cuda") is None and host_choice("cuda:1") is None
+    assert host_choice(None).device is None and host_choice("CPU").device is None
+
+
+def test_a_crop_run_never_imports_torch(tmp_path):
+    data = write_stack(tmp_path, n=5)
+    params = write_params(tmp_path, CROPS)
+    code = ("import sys; from gpustack.cli import main; code = main(['run', '-q', sys.argv[1]]); "
+            "print(code, 'torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code, str(params)], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.split() == ["0", "False"], proc.stdout + proc.stderr
+    out = tifffile.imread(tmp_path / "process" / "cropping_final" / "slice_0003.tif")
+    np.testing.assert_array_equal(out, data[3][3:28, 5:35][25 - 20:25 - 3, 1:21])
+    manifest = json.loads((tmp_path / "process" / "gpustack.json").read_text())
+    assert manifest["runs"][-1]["versions"]["torch"] == torch.__version__
