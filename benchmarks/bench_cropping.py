@@ -56,7 +56,8 @@ def main() -> None:
     parser.add_argument("--also", type=int, default=50,
                         help="also run on the first N slices only (ind_max), to separate start-up from per-slice cost; 0: off")
     parser.add_argument("--nproc", type=int, default=2, help="PyStack3D processes")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="auto", help="gpustack's --device (auto: a crop runs on the host, "
+                        "without torch)")
     parser.add_argument("--work", type=Path, default=Path("bench-data/cropping"))
     parser.add_argument("--cache", choices=["warm", "cold", "both"], default="both")
     parser.add_argument("--no-pystack3d", action="store_true")

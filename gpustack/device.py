@@ -34,13 +34,13 @@ class DeviceChoice:
 
 
 def host_choice(spec: str | None) -> DeviceChoice | None:
-    """The choice for a workflow whose steps only select pixels: no device, unless one was named explicitly.
+    """The choice for a workflow whose steps only select pixels: no device, unless one was named.
 
-    `auto` and `cpu` give the host (no torch import; a GPU would only add two transfers per slice). An
-    explicit `cuda`/`cuda:N` gives None: it is resolved (and refused without a GPU) as for any workflow.
+    `auto` gives the host: no torch import (about a second), and a GPU would only add two transfers per slice.
+    An explicit `cpu`, `cuda` or `cuda:N` gives None: it is resolved (a CUDA one refused without a GPU) and the
+    steps run there, as for any workflow.
     """
-    spec = (spec or "auto").strip().lower()
-    if spec not in ("auto", "cpu"):
+    if (spec or "auto").strip().lower() != "auto":
         return None
     return DeviceChoice(None, "host (no device needed)", "the steps only crop: slices are copied as they are")
 

@@ -349,7 +349,7 @@ def _shrink_after_validation(monkeypatch, victim: Path) -> None:
 
     def host_then_truncate(spec="auto"):
         truncate_half(victim)
-        return real_host("cpu")
+        return real_host(spec)
 
     monkeypatch.setattr(device, "resolve_device", resolve_then_truncate)
     monkeypatch.setattr(device, "host_choice", host_then_truncate)

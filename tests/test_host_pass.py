@@ -95,12 +95,12 @@ def test_a_workflow_that_computes_is_not_run_on_the_host(tmp_path):
     prepared = prepare(load_workflow(params))
     assert not selects_only(prepared)
     with pytest.raises(ValueError, match="only steps that select pixels"):
-        run(prepared, device_choice=host_choice("cpu"), show_progress=False, log=lambda m: None)
+        run(prepared, device_choice=host_choice("auto"), show_progress=False, log=lambda m: None)
 
 
-def test_explicit_cuda_is_not_replaced_by_the_host():
-    assert host_choice("cuda") is None and host_choice("cuda:1") is None
-    assert host_choice(None).device is None and host_choice("CPU").device is None
+def test_only_auto_runs_a_crop_on_the_host():
+    assert host_choice(None).device is None and host_choice(" Auto ").device is None
+    assert host_choice("cpu") is None and host_choice("cuda") is None and host_choice("cuda:1") is None
 
 
 def test_a_crop_run_never_imports_torch(tmp_path):
@@ -114,3 +114,12 @@ def test_a_crop_run_never_imports_torch(tmp_path):
     np.testing.assert_array_equal(out, data[3][3:28, 5:35][25 - 20:25 - 3, 1:21])
     manifest = json.loads((tmp_path / "process" / "gpustack.json").read_text())
     assert manifest["runs"][-1]["versions"]["torch"] == torch.__version__
+
+
+@pytest.mark.parametrize("rows", [65537, 65538])  # the last height whose column sums fit in uint32, and the next
+def test_host_mean_of_full_scale_uint16_does_not_overflow(rows):
+    x = np.full((2, rows, 3), 65535, np.uint16)
+    x[1, 0, 0] = 0
+    got = host_stats(x)
+    np.testing.assert_array_equal(got[:, :2], [[65535, 65535], [0, 65535]])
+    np.testing.assert_allclose(got[:, 2], [65535, 65535 - 65535 / (rows * 3)], rtol=1e-7)
