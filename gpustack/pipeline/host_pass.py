@@ -15,7 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 
 from gpustack.io.tiff import read_slice, write_slice
-from gpustack.pipeline.spec import N_STATS, PassSpec
+from gpustack.pipeline.spec import N_STATS, PassSpec, close_io
 
 HOST_MAX_BATCH = 16
 
@@ -129,10 +129,4 @@ def run_host_pass(spec: PassSpec, *, batch_size: int, io_threads: int = 4, prefe
         if spec.input_stats is not None and runs:
             runs[0].stats[:, :3] = spec.input_stats
     finally:
-        for _slot, _b1, futures in pending_reads:
-            for f in futures:
-                f.cancel()
-        for f in pending_writes:
-            f.cancel()
-        readers.shutdown(wait=True, cancel_futures=True)
-        writers.shutdown(wait=True, cancel_futures=True)
+        close_io(readers, writers, (futures for *_, futures in pending_reads), pending_writes)

@@ -19,7 +19,7 @@ import torch
 from gpustack.io.tiff import read_slice, write_slice
 from gpustack.kernels.cast import INT_RANGES, to_storage
 from gpustack.kernels.stats import slice_stats
-from gpustack.pipeline.spec import N_STATS, PassSpec, StepRun
+from gpustack.pipeline.spec import N_STATS, PassSpec, StepRun, close_io
 from gpustack.steps.base import Batch, Step
 
 TORCH_DTYPES = {"uint8": torch.uint8, "uint16": torch.uint16, "float32": torch.float32}
@@ -206,10 +206,4 @@ def run_pass(spec: PassSpec, *, device: torch.device, batch_size: int, io_thread
         if spec.input_stats is not None and runs:
             runs[0].stats[:, :3] = spec.input_stats
     finally:
-        for _slot, _w0, _w1, futures in pending_reads:
-            for f in futures:
-                f.cancel()
-        for f in pending_writes:
-            f.cancel()
-        readers.shutdown(wait=True, cancel_futures=True)
-        writers.shutdown(wait=True, cancel_futures=True)
+        close_io(readers, writers, (futures for *_, futures in pending_reads), pending_writes)
