@@ -15,8 +15,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
-from gpustack.io.tiff import read_slice, write_slice
-from gpustack.pipeline.spec import N_STATS, PassSpec, close_io
+from gpustack.io.tiff import read_slice
+from gpustack.pipeline.spec import N_STATS, PassSpec
+from gpustack.pipeline.writes import SliceWrites, close_io
 
 HOST_MAX_BATCH = 16
 
@@ -70,24 +71,20 @@ def run_host_pass(spec: PassSpec, *, batch_size: int, io_threads: int = 4, prefe
         rows, cols = slice(0, source.shape[0]), slice(None)
     band = (rows.stop - rows.start, source.shape[1])
     ring = [np.empty((batch_size, *band), source.dtype) for _ in range(prefetch + 1)]
-    ring_writes: list[list[Future]] = [[] for _ in ring]
     for r in runs:
         r.stats = np.full((n, N_STATS), np.nan, dtype=np.float32)
     starts = list(range(0, n, batch_size))
     readers = ThreadPoolExecutor(io_threads, thread_name_prefix="gpustack-read")
-    writers = ThreadPoolExecutor(io_threads, thread_name_prefix="gpustack-write")
     pending_reads: deque[tuple[int, int, list[Future]]] = deque()
-    pending_writes: deque[Future] = deque()
-    max_writes = 2 * batch_size * max(1, sum(r.out_dir is not None for r in runs))
+    writes = SliceWrites(source, threads=io_threads, slots=len(ring),
+                         limit=2 * batch_size * max(1, sum(r.out_dir is not None for r in runs)))
     band_rows = rows if spec.push_region else None
 
     def submit(batch_no: int) -> None:
         b0 = starts[batch_no]
         b1 = min(n, b0 + batch_size)
         slot = batch_no % len(ring)
-        for f in ring_writes[slot]:
-            f.result()  # slices are written straight from the ring buffer: done before it is refilled
-        ring_writes[slot] = []
+        writes.free(slot)  # slices are written straight from the ring buffer: done before it is refilled
         futures = [readers.submit(read_slice, source.slices[i], ring[slot][i - b0], band_rows) for i in range(b0, b1)]
         pending_reads.append((slot, b1, futures))
 
@@ -116,18 +113,12 @@ def run_host_pass(spec: PassSpec, *, batch_size: int, io_threads: int = 4, prefe
                 # 2**24, i.e. for uint8 and uint16), so the written statistics are the output's.
                 stored = x if x.dtype == np.dtype(r.out_dtype) else x.astype(r.out_dtype)
                 r.stats[b0:b1, 6:9] = out_stats
-                for i in range(b0, b1):
-                    future = writers.submit(write_slice, r.out_dir / source.slices[i].name, stored[i - b0],
-                                            source.slices[i])
-                    pending_writes.append(future)
-                    ring_writes[slot].append(future)
-            while len(pending_writes) > max_writes:
-                pending_writes.popleft().result()
+                writes.write(r.out_dir, stored, b0, b1, slot)
+            writes.throttle()
             if on_progress:
                 on_progress(b1 - b0)
-        while pending_writes:
-            pending_writes.popleft().result()
+        writes.drain()
         if spec.input_stats is not None and runs:
             runs[0].stats[:, :3] = spec.input_stats
     finally:
-        close_io(readers, writers, (futures for *_, futures in pending_reads), pending_writes)
+        close_io(readers, (futures for *_, futures in pending_reads), writes)

@@ -3,8 +3,6 @@ workflow that only selects pixels (cropping) runs without importing it (`host_pa
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,14 +46,3 @@ class PassSpec:
         """Every step only keeps a region and nothing is fitted: the pass is a copy, no arithmetic."""
         return self.fit is None and all(r.region is not None for r in self.runs)
 
-
-def close_io(readers: ThreadPoolExecutor, writers: ThreadPoolExecutor, reads: Iterable[list[Future]],
-             writes: Iterable[Future]) -> None:
-    """End a pass's IO, also on error: what has not started is cancelled, what runs is waited for."""
-    for futures in reads:
-        for f in futures:
-            f.cancel()
-    for f in writes:
-        f.cancel()
-    readers.shutdown(wait=True, cancel_futures=True)
-    writers.shutdown(wait=True, cancel_futures=True)

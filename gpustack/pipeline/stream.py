@@ -16,10 +16,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from gpustack.io.tiff import read_slice, write_slice
+from gpustack.io.tiff import read_slice
 from gpustack.kernels.cast import INT_RANGES, to_storage
 from gpustack.kernels.stats import slice_stats
-from gpustack.pipeline.spec import N_STATS, PassSpec, StepRun, close_io
+from gpustack.pipeline.spec import N_STATS, PassSpec, StepRun
+from gpustack.pipeline.writes import SliceWrites, close_io
 from gpustack.steps.base import Batch, Step
 
 TORCH_DTYPES = {"uint8": torch.uint8, "uint16": torch.uint16, "float32": torch.float32}
@@ -93,16 +94,14 @@ def run_pass(spec: PassSpec, *, device: torch.device, batch_size: int, io_thread
     torch_in = torch.from_numpy(np.empty(0, source.dtype)).dtype
     ring = [_buffer(("ring", k), (window, *band), torch_in, pin=cuda) for k in range(prefetch + 1)]
     ring_free: list[torch.cuda.Event | None] = [None] * len(ring)
-    ring_writes: list[list[Future]] = [[] for _ in ring]  # writes still reading from a (CPU) ring buffer
     for r in runs:
         r.stats = np.full((n, N_STATS), np.nan, dtype=np.float32)
     starts = list(range(0, n, batch_size))
 
     readers = ThreadPoolExecutor(io_threads, thread_name_prefix="gpustack-read")
-    writers = ThreadPoolExecutor(io_threads, thread_name_prefix="gpustack-write")
     pending_reads: deque[tuple[int, int, int, list[Future]]] = deque()
-    pending_writes: deque[Future] = deque()
-    max_writes = 2 * batch_size * max(1, sum(r.out_dir is not None for r in runs))
+    writes = SliceWrites(source, threads=io_threads, slots=len(ring),
+                         limit=2 * batch_size * max(1, sum(r.out_dir is not None for r in runs)))
     band_rows = rows if spec.push_region else None
 
     def submit(batch_no: int) -> None:
@@ -111,18 +110,10 @@ def run_pass(spec: PassSpec, *, device: torch.device, batch_size: int, io_thread
         slot = batch_no % len(ring)
         if ring_free[slot] is not None:
             ring_free[slot].synchronize()  # sync: the buffer's last upload must be done before it is refilled
-        for f in ring_writes[slot]:
-            f.result()  # on the CPU, slices are written straight from the ring buffer
-        ring_writes[slot] = []
+        writes.free(slot)  # on the CPU, slices are written straight from the ring buffer
         host = ring[slot].numpy()
         futures = [readers.submit(read_slice, source.slices[i], host[i - w0], band_rows) for i in range(w0, w1)]
         pending_reads.append((slot, w0, w1, futures))
-
-    def write(r: StepRun, host_out: np.ndarray, b0: int, b1: int, slot: int) -> None:
-        for i in range(b0, b1):
-            future = writers.submit(write_slice, r.out_dir / source.slices[i].name, host_out[i - b0], source.slices[i])
-            pending_writes.append(future)
-            ring_writes[slot].append(future)
 
     scratch = _buffer("scratch", (window, *band), torch.float32, pin=False, device=device)
     # integer input that the first step computes on: converted once, into a reused buffer, for the statistics
@@ -184,7 +175,7 @@ def run_pass(spec: PassSpec, *, device: torch.device, batch_size: int, io_thread
                     stored = to_storage(out.to(torch.float32), out_dtype, nan_possible=nan_possible)
                     stored_stats = _stored_stats(stored, out_stats, out_dtype, nan_possible)
                 stats.append(stored_stats)
-                write(r, stored.to(out_dtype).cpu().numpy(), b0, b1, slot)  # sync: to the writer threads
+                writes.write(r.out_dir, stored.to(out_dtype).cpu().numpy(), b0, b1, slot)  # sync: to the writers
             if spec.fit is not None:
                 if not x.is_floating_point():
                     x = x.to(torch.float32)
@@ -197,13 +188,11 @@ def run_pass(spec: PassSpec, *, device: torch.device, batch_size: int, io_thread
                 o = 3 + 6 * j
                 r.stats[b0:b1, :3] = host_stats[:, o - 6:o - 3] if j else host_stats[:, :3]
                 r.stats[b0:b1, 3:] = host_stats[:, o:o + 6]
-            while len(pending_writes) > max_writes:
-                pending_writes.popleft().result()
+            writes.throttle()
             if on_progress:
                 on_progress(b1 - b0)
-        while pending_writes:
-            pending_writes.popleft().result()
+        writes.drain()
         if spec.input_stats is not None and runs:
             runs[0].stats[:, :3] = spec.input_stats
     finally:
-        close_io(readers, writers, (futures for *_, futures in pending_reads), pending_writes)
+        close_io(readers, (futures for *_, futures in pending_reads), writes)
