@@ -148,6 +148,27 @@ def test_pairs_share_their_slices_preparation(device):
     assert torch.allclose(joint, pairs, atol=1e-9)
 
 
+def test_pairs_in_chunks_measure_as_one_batch(device, monkeypatch):
+    """The CPU's chunks of pairs (one pair at a time here) give the shifts of one batch; other devices never
+    chunk."""
+    from gpustack.kernels import translation
+
+    big = torch.tensor(texture(1, (SIZE + 48, SIZE + 48), 12)[0])
+    walk = torch.tensor([[0.0, 0.0], [0.7, -0.4], [1.5, 0.2], [0.9, 1.1], [-0.3, 0.8]], dtype=torch.float64)
+    prep = prepare(crops(big, walk).float().to(device))
+    k = torch.arange(1, 5, device=device)
+    monkeypatch.setattr(translation, "CPU_CHUNK_BYTES", 1 << 40)
+    whole, _ = measure(prep, k, k - 1)
+    monkeypatch.setattr(translation, "CPU_CHUNK_BYTES", 1)
+    calls = []
+    real_fine = translation._fine
+    monkeypatch.setattr(translation, "_fine", lambda *a: calls.append(a[1].shape[0]) or real_fine(*a))
+    chunked, _ = measure(prep, k, k - 1)
+    assert calls == ([1] * 8 if device.type == "cpu" else [8])  # 4 pairs, both ways
+    assert torch.allclose(chunked, whole, atol=1e-9)
+    assert (chunked.cpu() - torch.diff(walk, dim=0)).abs().max() < 0.1
+
+
 def test_constant_and_featureless_pairs_give_no_shift(device):
     flat = torch.full((2, SIZE, SIZE), 7.0, device=device)
     big = torch.tensor(texture(1, (SIZE + 48, SIZE + 48), 3)[0])

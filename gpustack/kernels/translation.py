@@ -55,6 +55,8 @@ SHARED_EDGES = 0.7  # a tile's gradient correlation above which its Newton step 
 # fine-level px below which pairs are measured one way only: on 99^2 slices (3 x 3 tiles of 33 px) whose
 # structures change within 3 slices, both ways measured worse on 2 of 4 seeds (tests/test_registration.py)
 SYMMETRIC_MIN_SIDE = 128
+CPU_CHUNK_BYTES = 16 << 20  # the fine stage's working set per chunk of pairs on the CPU (see _fine_chunked)
+FINE_IMAGES_PER_PAIR = 10  # fine-level images a pair's Newton iteration touches (gradients, warped, products)
 
 
 class Prepared(NamedTuple):
@@ -247,6 +249,21 @@ def _fine(prep: Prepared, mov: torch.Tensor, ref: torch.Tensor, start: torch.Ten
     return d
 
 
+def _fine_chunked(prep: Prepared, mov: torch.Tensor, ref: torch.Tensor, start: torch.Tensor, iterations: int,
+                  tiles: int) -> torch.Tensor:
+    """`_fine` over the pairs, on the CPU a few pairs at a time: each Newton iteration reads and writes about ten
+    fine-level images per pair, and a chunk of CPU_CHUNK_BYTES keeps them in the cache from one operation to the
+    next. Measured on the registration benchmark's 450^2 fine level (2 cores): 6.5 ms per pair in chunks of 2,
+    9-11 ms in chunks of 4-16, 12 ms for 40 pairs at once. Elsewhere, one batch (a GPU wants it large)."""
+    if mov.device.type != "cpu":
+        return _fine(prep, mov, ref, start, iterations, tiles)
+    h, w = prep.fine.shape[1:]
+    chunk = max(1, CPU_CHUNK_BYTES // (FINE_IMAGES_PER_PAIR * h * w * 4))
+    parts = [_fine(prep, mov[s:s + chunk], ref[s:s + chunk], start[s:s + chunk], iterations, tiles)
+             for s in range(0, mov.shape[0], chunk)]
+    return torch.cat(parts) if parts else start.clone()
+
+
 def measure(prep: Prepared, mov: torch.Tensor, ref: torch.Tensor, *, iterations: int = 3,
             tiles: int | None = None, symmetric: bool | torch.Tensor = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Shifts (p, 2) float64 (dx, dy) in input px of slices mov[i] relative to ref[i] (index tensors into the
@@ -275,8 +292,8 @@ def measure(prep: Prepared, mov: torch.Tensor, ref: torch.Tensor, *, iterations:
         both_ways = (torch.as_tensor(symmetric, device="cpu") & (min(h, w) >= SYMMETRIC_MIN_SIDE)
                      ).expand(p).nonzero()[:, 0].to(mov.device)
         # one batch: the pairs, then the chosen ones reversed (the coarse peak of (ref, mov) is minus (mov, ref)'s)
-        fine = _fine(prep, torch.cat([mov, ref[both_ways]]), torch.cat([ref, mov[both_ways]]),
-                     torch.cat([start, -start[both_ways]]), iterations, n_tiles)
+        fine = _fine_chunked(prep, torch.cat([mov, ref[both_ways]]), torch.cat([ref, mov[both_ways]]),
+                             torch.cat([start, -start[both_ways]]), iterations, n_tiles)
         fine, reverse = fine[:p], fine[p:]
         if reverse.shape[0]:
             fine = fine.index_copy(0, both_ways, (fine[both_ways] - reverse) * 0.5)
