@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 CPU_BUDGET_CAP = 4 << 30  # larger CPU batches only add latency: the CPU is busy either way
 CPU_MAX_BATCH = 16
 CPU_TEMPORARY_BYTES = 30 << 20  # a batch-sized float32 temporary below malloc_tuning.MMAP (32 MiB)
+CPU_STREAM_BYTES = 13 << 20  # the same for passes without a halo: temporaries that stay in the cache
 CUDA_MAX_BATCH = 128
 
 
@@ -118,11 +119,16 @@ def batch_size_for(device: torch.device, slice_bytes: int, *, budget: int | None
     threshold, as `malloc_tuning` sets it: above it every temporary the size of a batch is mapped and
     page-faulted in afresh, which made an elementwise operation on 16 slices of 901² cost 1.3 ms per slice
     against 0.3 ms on 8 (measured). Never fewer than twice the halo, which every batch reads again.
+    A pass without a halo reads nothing twice: its batches are smaller still (CPU_STREAM_BYTES), so that a
+    step's temporaries are still in the cache for the next operation. Measured on 200 slices of 901², 2 cores,
+    medians of 5 runs: intensity rescaling 4.04 -> 3.11 s with 4 slices a batch instead of 9, the registration
+    warp 1.97 -> 1.72 s, background removal 3.41 -> 3.34 s; the registration estimate (a halo of 1) was slower
+    in batches of 2-4.
     """
     if requested:
         return requested
     budget = budget if budget is not None else available_memory(device)
     cap = CUDA_MAX_BATCH if device.type == "cuda" else CPU_MAX_BATCH
     if device.type == "cpu" and plane_bytes:
-        cap = min(cap, max(CPU_TEMPORARY_BYTES // plane_bytes, 2 * halo, 1))
+        cap = min(cap, max((CPU_TEMPORARY_BYTES if halo else CPU_STREAM_BYTES) // plane_bytes, 2 * halo, 1))
     return max(1, min(cap, budget // max(1, slice_bytes)))

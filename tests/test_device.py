@@ -36,12 +36,15 @@ def test_batch_size_from_budget():
 
 
 def test_cpu_batches_stay_under_the_mmap_threshold_but_cover_the_halo():
-    from gpustack.device import CPU_TEMPORARY_BYTES
+    from gpustack.device import CPU_STREAM_BYTES, CPU_TEMPORARY_BYTES
     from gpustack.malloc_tuning import MMAP
 
     cpu, plane = torch.device("cpu"), 4 * 1024 * 1024  # one float32 slice of 1024²
-    batch = batch_size_for(cpu, 8 * plane, budget=10**12, plane_bytes=plane)
+    batch = batch_size_for(cpu, 8 * plane, budget=10**12, plane_bytes=plane, halo=1)
     assert batch == 7 and batch * plane <= CPU_TEMPORARY_BYTES < MMAP
+    # no halo (nothing read twice): batches whose temporaries stay in the cache
+    batch = batch_size_for(cpu, 8 * plane, budget=10**12, plane_bytes=plane)
+    assert batch == 3 and batch * plane <= CPU_STREAM_BYTES < CPU_TEMPORARY_BYTES
     assert batch_size_for(cpu, 8 * plane, budget=10**12, plane_bytes=plane, halo=8) == CPU_MAX_BATCH
     assert batch_size_for(cpu, 8 * 4 * 4000 ** 2, budget=10**12, plane_bytes=4 * 4000 ** 2) == 1
     assert batch_size_for(cpu, 8 * plane, budget=10**12, plane_bytes=plane, requested=16) == 16

@@ -399,7 +399,11 @@ def test_neighbouring_pairs_are_measured_both_ways_in_the_api_and_the_step(tmp_p
 
     rows = []
     original = translation._fine
-    monkeypatch.setattr(translation, "_fine", lambda prep, mov, *a: (rows.append(mov.shape[0]),
+
+    def pairs_in(mov):  # an index tensor, or on the CPU a run of consecutive slices
+        return mov.stop - mov.start if isinstance(mov, slice) else mov.shape[0]
+
+    monkeypatch.setattr(translation, "_fine", lambda prep, mov, *a: (rows.append(pairs_in(mov)),
                                                                       original(prep, mov, *a))[1])
     data = write_stack(tmp_path, n=6, shape=(160, 170))
     gpustack.register_stack(data.astype(np.float32), references=2, symmetric=symmetric)

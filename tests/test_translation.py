@@ -150,7 +150,7 @@ def test_pairs_share_their_slices_preparation(device):
 
 def test_pairs_in_chunks_measure_as_one_batch(device, monkeypatch):
     """The CPU's chunks of pairs (one pair at a time here) give the shifts of one batch; other devices never
-    chunk."""
+    chunk. Pairs that do not follow each other are chunks of their own."""
     from gpustack.kernels import translation
 
     big = torch.tensor(texture(1, (SIZE + 48, SIZE + 48), 12)[0])
@@ -162,11 +162,22 @@ def test_pairs_in_chunks_measure_as_one_batch(device, monkeypatch):
     monkeypatch.setattr(translation, "CPU_CHUNK_BYTES", 1)
     calls = []
     real_fine = translation._fine
-    monkeypatch.setattr(translation, "_fine", lambda *a: calls.append(a[1].shape[0]) or real_fine(*a))
+    monkeypatch.setattr(translation, "_fine", lambda *a: calls.append(a[1]) or real_fine(*a))
     chunked, _ = measure(prep, k, k - 1)
-    assert calls == ([1] * 8 if device.type == "cpu" else [8])  # 4 pairs, both ways
+    if device.type == "cpu":  # one pair at a time, as views: slices 1-4 against 0-3, then 0-3 against 1-4
+        assert calls == [slice(i, i + 1) for i in (1, 2, 3, 4, 0, 1, 2, 3)]
+    else:
+        assert len(calls) == 1 and calls[0].shape == (8,)  # 4 pairs, both ways
     assert torch.allclose(chunked, whole, atol=1e-9)
     assert (chunked.cpu() - torch.diff(walk, dim=0)).abs().max() < 0.1
+    monkeypatch.setattr(translation, "CPU_CHUNK_BYTES", 1 << 40)
+    calls.clear()
+    mov, ref = torch.tensor([1, 2, 4], device=device), torch.tensor([0, 1, 2], device=device)
+    scattered, _ = measure(prep, mov, ref, symmetric=False)
+    if device.type == "cpu":
+        assert calls == [slice(1, 3), slice(4, 5)]
+    oneway = torch.cat([measure(prep, mov[i:i + 1], ref[i:i + 1], symmetric=False)[0] for i in range(3)])
+    assert torch.allclose(scattered, oneway, atol=1e-9)
 
 
 def test_constant_and_featureless_pairs_give_no_shift(device):
