@@ -257,8 +257,8 @@ def _fine_chunked(prep: Prepared, mov: torch.Tensor, ref: torch.Tensor, start: t
     fine-level images per pair, and a chunk of CPU_CHUNK_BYTES keeps them in the cache from one operation to the
     next. A chunk is a run of pairs whose slices follow each other (neighbours, the usual case), which `_fine`
     reads as views instead of copies. Measured on the registration benchmark's 450^2 fine level (2 cores), both
-    ways: 12.5 ms per pair for 40 pairs at once, 6.1 ms in chunks of 2, 5.2 ms with views. Elsewhere, one batch
-    (a GPU wants it large)."""
+    ways: 12.5 ms per pair for 40 pairs at once, 6.1 ms in chunks of 2, 5.5-6.6 ms with views (this host
+    varies by a fifth between runs). Elsewhere, one batch (a GPU wants it large)."""
     if mov.device.type != "cpu":
         return _fine(prep, mov, ref, start, iterations, tiles)
     h, w = prep.fine.shape[1:]
