@@ -204,6 +204,26 @@ def test_nan_fill_of_a_registration_stays_where_it_was(device, table):
     assert np.abs(clean_cols - out[1, :, 10:].cpu().numpy()).mean() < 0.05 * np.abs(img).mean()
 
 
+@pytest.mark.parametrize("table, holes", [({"filters": [GABOR], "maxit": 5}, False),
+                                          ({"filters": [GABOR], "maxit": 5}, True),
+                                          ({"wavelet_decomposition": {"wavelet": "db2", "level": 2, "sigma": 4},
+                                            "stripe_gate": False}, True)])
+def test_removed_rms_is_the_change_of_each_slice(device, table, holes):
+    """The report's removed_rms: the RMS over the whole slice of output - input (0 where the input is NaN),
+    whether a slice is corrected fully, in part by the gate, or left alone."""
+    from gpustack.steps.base import Batch
+
+    clean, img = _curtained_pair()
+    x = torch.as_tensor(np.stack([img, clean, img]), device=device)
+    if holes:
+        x[2, :, :6] = float("nan")
+    out, info = Destriping(config(**table)).apply_recorded(Batch(x.clone(), 0, slice(0, 3), ["a", "b", "c"], 3), None)
+    change = torch.nan_to_num(out - x).cpu().double()
+    expected = change.square().mean(dim=(1, 2)).sqrt().numpy()
+    assert expected[0] > 5  # something was removed
+    np.testing.assert_allclose(info["removed_rms"].cpu().numpy(), expected, rtol=1e-4, atol=1e-3)
+
+
 def _curtained_pair():
     rng = np.random.default_rng(4)
     y, x = np.mgrid[0:64, 0:80]

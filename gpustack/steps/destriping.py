@@ -208,8 +208,8 @@ class Destriping(Step):
         n, shape, dev = x.shape[0], tuple(x.shape[1:]), x.device
         # NaN (a 'constant' registration fill) would spread over the whole slice through the FFTs: the filters see
         # the slice's mean there, and the NaN are put back afterwards.
-        missing = torch.isnan(x)
-        holes = bool(missing.any())  # sync: once per batch
+        holes = bool(torch.isnan(x.sum()))  # sync: once per batch; a sum is NaN if any pixel is, without a mask
+        missing = torch.isnan(x) if holes else None
         original = x
         if holes:
             x = torch.where(missing, torch.nan_to_num(x.nanmean(dim=(1, 2), keepdim=True)), x)
@@ -234,31 +234,34 @@ class Destriping(Step):
             ratio = torch.full((n,), math.nan, device=dev)
             weight = torch.ones(n, device=dev)
         iterations = torch.zeros(n, dtype=torch.int64, device=dev)
+        removed = torch.zeros(n, device=dev)
         chosen = (weight > 0).nonzero().squeeze(1)  # sync: once per batch, to skip the slices without stripes
         every = chosen.numel() == n
         out = x
         if chosen.numel():
             sub = x if every else x[chosen]
             if cfg.uses_wavelets:
-                from gpustack.kernels.wavelet import destripe_wavelet
+                from gpustack.kernels.wavelet import wavelet_stripes
 
                 w = cfg.wavelet_decomposition
-                corrected = destripe_wavelet(sub, w.wavelet, w.level, w.sigma, w.angle)
+                stripes = wavelet_stripes(sub, w.wavelet, w.level, w.sigma, w.angle)
             elif cfg.uses_pyvsnr:
-                corrected = _pyvsnr(sub, cfg)
+                stripes = sub - _pyvsnr(sub, cfg)
                 iterations[chosen] = -1  # pyvsnr does not say how many it ran
             else:
                 stripes, iterations[chosen] = self._vsnr(sub, shape, dev, batch.n_total)
-                corrected = sub - stripes
-            # out = x + weight (corrected - x), only where there is something to correct
-            fixed = torch.lerp(sub, corrected, weight[chosen][:, None, None])
+            if meter is not None:  # out = x - weight * stripes: partly where the stripes are faint
+                stripes = stripes * weight[chosen][:, None, None]
+            fixed = sub - stripes
             if every:
                 out = fixed
             else:
                 out = x.clone()
                 out[chosen] = fixed
-        change = torch.where(missing, 0.0, out - x) if holes else out - x
-        removed = change.square().mean(dim=(1, 2)).sqrt()
+            if holes:  # what was removed is reported where there was something to remove from
+                stripes = torch.where(missing if every else missing[chosen], 0.0, stripes)
+            # RMS of the change over the whole slice
+            removed[chosen] = torch.linalg.vector_norm(stripes, dim=(1, 2)) / math.sqrt(shape[0] * shape[1])
         if holes:
             out = torch.where(missing, original, out)
         return out, {"stripe_ratio": ratio, "weight": weight, "iterations": iterations, "removed_rms": removed}
