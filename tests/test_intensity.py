@@ -163,6 +163,24 @@ def test_slice_cdfs_of_a_ramp(device):
     np.testing.assert_allclose(to_np(out["cdf"])[0], np.arange(257) / 256, rtol=0, atol=1e-12)
 
 
+def test_slice_cdfs_of_constant_and_infinite_slices(device):
+    """A constant slice (a blank frame) beside a ramp, without NaN anywhere: every pixel in bin 0, no error (its
+    span of 0 once made inf * 0 = NaN bin indices); infinite pixels count nowhere, like NaN."""
+    ramp = (100 + 3 * np.arange(1024)).astype(np.float32).reshape(32, 32)
+    stack = np.stack([ramp, np.zeros_like(ramp), np.full_like(ramp, 777.0)])
+    out = slice_cdfs(torch.tensor(stack, device=device), bins=256)
+    cdf = to_np(out["cdf"])
+    np.testing.assert_allclose(cdf[0], np.arange(257) / 256, rtol=0, atol=1e-12)
+    for k in (1, 2):
+        assert cdf[k, 0] == 0 and (cdf[k, 1:] == 1).all()
+        assert to_np(out["lo"])[k] == to_np(out["hi"])[k] == stack[k, 0, 0]
+    stack[0, 0, :3] = [np.inf, -np.inf, np.inf]
+    out = slice_cdfs(torch.tensor(stack, device=device), bins=256)
+    assert to_np(out["count"]).tolist() == [1021, 1024, 1024]
+    assert to_np(out["lo"])[0] == 109 and to_np(out["hi"])[0] == 100 + 3 * 1023
+    assert to_np(out["cdf"])[0, -1] == 1.0 and (to_np(out["cdf"])[1:, 1:] == 1).all()
+
+
 def test_slice_cdfs_match_numpy_histogram_with_nan(device):
     rng = np.random.default_rng(7)
     x = rng.gamma(2.0, 50.0, size=(3, 40, 40)).astype(np.float32)
@@ -292,6 +310,17 @@ def test_constant_empty_and_nan_pixels(mapping, reference):
         assert np.abs(out[1] - base).max() < tol * span
     else:  # the mean reference mixes the slices: the mapped pixels still change towards the others
         assert np.abs(out[4][~holes] - base[~holes]).mean() < 0.5 * np.abs(stack[4][~holes] - base[~holes]).mean()
+
+
+@pytest.mark.parametrize("mapping", ["linear", "histogram"])
+def test_blank_slice_without_nan_is_left_intact(mapping):
+    """A uint16 stack with a black frame and a constant one, and no NaN anywhere (the usual FIB-SEM case)."""
+    base = smooth_image()
+    stack = np.stack([base, 0.8 * base, np.zeros_like(base), np.full_like(base, 777.0), 1.1 * base])
+    stack = np.round(stack).astype(np.uint16)
+    out = gpustack.rescale_intensity(stack, mapping=mapping, correct="all")
+    np.testing.assert_array_equal(out[2:4], stack[2:4])
+    assert np.abs(out[1].astype(float) - stack[0]).mean() < 0.25 * np.abs(stack[1].astype(float) - stack[0]).mean()
 
 
 def test_constant_and_nan_slices_only():

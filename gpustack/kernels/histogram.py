@@ -15,10 +15,10 @@ FINE_BINS = 4096
 
 def slice_cdfs(x: torch.Tensor, bins: int = FINE_BINS) -> dict[str, torch.Tensor]:
     """Per slice of x (b, H, W): lo, hi (finite range), count (finite pixels), cdf (b, bins + 1) at the edges
-    lo + i (hi - lo) / bins. NaN pixels are left out."""
+    lo + i (hi - lo) / bins. NaN and infinite pixels are left out; a constant slice has every pixel in bin 0."""
     b = x.shape[0]
     lo, hi = x.amin(dim=(1, 2)), x.amax(dim=(1, 2))  # NaN if the slice holds any NaN
-    nan_slices = bool(torch.isnan(lo).any() | torch.isnan(hi).any())  # sync: picks the NaN-aware path, per batch
+    nan_slices = bool((~torch.isfinite(lo) | ~torch.isfinite(hi)).any())  # sync: picks the NaN-aware path
     finite = None
     if nan_slices:
         finite = torch.isfinite(x)
@@ -27,15 +27,15 @@ def slice_cdfs(x: torch.Tensor, bins: int = FINE_BINS) -> dict[str, torch.Tensor
         count = finite.sum(dim=(1, 2))
     else:
         count = torch.full((b,), x.shape[1] * x.shape[2], dtype=torch.int64, device=x.device)
-    span = (hi - lo).clamp_min(torch.finfo(torch.float32).tiny)
     # One bincount over every slice at once, bin index + slice * (bins + 1): bin `bins` holds the pixels at hi
     # (and float32 rounding just past it) and is folded into the last bin; NaN pixels go to a last, dropped
     # bin. The index costs one fused multiply-add and one conversion: (x - lo) * s >= 0 up to rounding, and
     # the conversion truncates a rounding -0.0001 to bin 0.
-    s = (bins / span)[:, None, None]
+    s = bins / (hi - lo)
+    s = torch.where(torch.isfinite(s), s, 0.0)[:, None, None]  # constant slices: inf * 0 would be NaN
     t = torch.addcmul((-lo)[:, None, None] * s, x, s)
     if finite is not None:
-        t.nan_to_num_(0.0)
+        t.nan_to_num_(0.0, 0.0, 0.0)  # non-finite pixels, dropped below
     idx = t.to(torch.int32).clamp_(max=bins).add_((torch.arange(b, dtype=torch.int32, device=x.device)
                                                    * (bins + 1))[:, None, None])
     del t
