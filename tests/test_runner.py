@@ -297,6 +297,56 @@ def test_fit_and_halo_steps_give_the_same_answer_for_any_batch_size(tmp_path, mo
     assert manifest["steps"]["bkg_removal"]["pass_number"] == 2  # its statistics pass ran on cropping's output
 
 
+class Darken(Step):
+    """Takes 40000 grey levels off: much of a uint16 stack goes below 0, which is written (and read back) as 0."""
+
+    name = "bkg_removal"
+    Config = _NoConfig
+
+    def apply(self, batch: Batch, state):
+        return batch.data - 39999.7
+
+
+class SumOfItsInput(Step):
+    """A statistics pass that only sums what it is given, and a copy of its input as output."""
+
+    name = "intensity_rescaling"
+    Config = _NoConfig
+
+    def fit_batch(self, batch: Batch):
+        return batch.data[batch.core].sum(dtype=torch.float64), batch.data[batch.core].amin()
+
+    seen: list = []
+
+    def fit_reduce(self, partials):
+        self.seen.append((float(sum(p[0] for p in partials)), float(min(p[1] for p in partials))))
+        return None
+
+    def apply(self, batch: Batch, state):
+        return batch.data
+
+
+@pytest.mark.parametrize("fit_halo", [(0, 0), (1, 0)])  # (1, 0): registration's, the fit gets the slice before
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_a_statistics_pass_sees_the_slices_its_step_will_read(tmp_path, monkeypatch, batch_size, fit_halo):
+    """The fitted step reads the previous step's written slices (rounded, clipped to uint16): its statistics are
+    taken on exactly those, not on the float values before they were written (a slice taken below 0 by a
+    background would be measured as a ramp and read back as 0s)."""
+    monkeypatch.setitem(step_registry.REGISTRY, "bkg_removal", Darken)
+    monkeypatch.setitem(step_registry.REGISTRY, "intensity_rescaling", SumOfItsInput)
+    write_stack(tmp_path, n=5, shape=(8, 9), dtype="uint16")
+    params = write_params(tmp_path, f'batch_size = {batch_size}\n'
+                          'process_steps = ["bkg_removal", "intensity_rescaling"]\n')
+    monkeypatch.setattr(SumOfItsInput, "seen", [])
+    monkeypatch.setattr(SumOfItsInput, "fit_halo", fit_halo)
+    run_params(params)
+    written = np.stack([tifffile.imread(p) for p in sorted((tmp_path / "process" / "bkg_removal").glob("*.tif"))])
+    assert (written == 0).mean() > 0.4  # the case at hand: many pixels clipped
+    (total, lowest), = SumOfItsInput.seen
+    assert lowest == 0.0
+    assert total == written.astype(np.float64).sum()
+
+
 def test_statistics_of_written_integers_follow_from_the_output(device):
     """min and max of what is written are derived from the output's (rounding and clipping are monotonic):
     they must equal the statistics computed on the written values, clipping at both ends included."""

@@ -33,7 +33,7 @@ def _skipped(report: Report, active: np.ndarray, why: str) -> None:
 def write_rescaling_report(report: Report) -> None:
     out, state = report.outputs_dir, report.state
     active = state["active"].cpu().numpy()
-    _skipped(report, active, "are constant or empty (nothing to rescale)")
+    _skipped(report, active, "are constant, empty or nearly so (nothing to rescale)")
     if "histo_orig" not in state:
         return
     if "measured_gain" in state:

@@ -10,7 +10,8 @@ against ground truth drops on a synthetic stack), while detector drifts are gain
 (`correct = "jumps"`, `kernels/jumps.py`) only the abrupt changes of those gains and offsets along z are undone:
 the smooth ones come from the content, and undoing them cost slices without any defect 14 dB. `mapping =
 "histogram"` with `reference = "mean"` is PyStack3D's method. Slices that cannot be measured (constant, all NaN, an
-empty area) are left as they are and named in a warning.
+empty area, or a 2-98 % quantile range under 1 % of the stack's median one: a blank frame with a few pixels left)
+are left as they are and named in a warning.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ if TYPE_CHECKING:
 
 
 LINEAR_QUANTILES = (0.02, 0.98)  # the 'linear' mapping ignores the tails (saturated or empty pixels)
+# slices whose 2-98 % quantile range is below this fraction of the stack's median one are left as they are
+DEGENERATE_SPREAD = 0.01
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,7 @@ class IntensityRescalingConfig:
 class IntensityRescaling(Step):
     name = "intensity_rescaling"
     Config = IntensityRescalingConfig
+    version = 2  # 2: nearly constant slices are left as they are
     work_buffers = 7  # input, index (int64), two gathered tables, output
 
     def fit_batch(self, batch: Batch) -> dict[str, torch.Tensor]:
@@ -92,6 +96,15 @@ class IntensityRescaling(Step):
         lo, hi, count, cdf = parts["lo"].double(), parts["hi"].double(), parts["count"], parts["cdf"]
         n, fine = cdf.shape[0], cdf.shape[1] - 1
         active = (count > 0) & (hi > lo)
+        fine_edges = lo[:, None] + (hi - lo)[:, None] * torch.linspace(0, 1, fine + 1, dtype=torch.float64,
+                                                                        device=cdf.device)
+        # A slice whose inner quantiles barely differ (a blank frame with a few pixels left, a slice a 3D
+        # background took below 0, mostly clipped) has nothing to match: a gain or a map measured on it would
+        # stretch its few distinct pixels over the whole range.
+        inner = torch.tensor(LINEAR_QUANTILES, dtype=torch.float64, device=cdf.device).expand(n, -1)
+        q = interp(inner, cdf, fine_edges)
+        spread = torch.where(active, q[:, 1] - q[:, 0], float("nan"))
+        active = active & (spread > DEGENERATE_SPREAD * spread.nanmedian())
         state: dict[str, Any] = {"active": active, "lo": parts["lo"], "hi": parts["hi"]}
         if not bool(active.any()):  # sync: once per stack
             state["lut"] = torch.zeros(n, fine + 1, dtype=torch.float32, device=cdf.device)
@@ -102,8 +115,6 @@ class IntensityRescaling(Step):
         edges = gmin + (gmax - gmin) * edges
         orig = cdf_at(edges, lo, hi, cdf)  # (n, nbins + 1) each slice's CDF on the common bins
         levels = torch.linspace(0, 1, self.config.nbins + 1, dtype=torch.float64, device=cdf.device)  # quantiles
-        fine_edges = lo[:, None] + (hi - lo)[:, None] * torch.linspace(0, 1, fine + 1, dtype=torch.float64,
-                                                                        device=cdf.device)
         size = self.config.filter_size
         if self.config.reference == "mean":  # the mixture of the slices' distributions, as PyStack3D
             if size == -1:
