@@ -180,6 +180,34 @@ def test_pairs_in_chunks_measure_as_one_batch(device, monkeypatch):
     assert torch.allclose(scattered, oneway, atol=1e-9)
 
 
+def test_a_converged_pair_takes_no_further_step(device, monkeypatch):
+    """A pair whose Newton step fell below STOP_STEP keeps its shift (on every device), and on the CPU its later
+    iterations are not computed. With a threshold no step reaches, every pair stops after one iteration."""
+    from gpustack.kernels import translation, warp
+
+    big = torch.tensor(texture(1, (SIZE + 48, SIZE + 48), 14)[0])
+    walk = torch.tensor([[0.0, 0.0], [0.7, -0.4], [1.5, 0.2], [0.9, 1.1], [-0.3, 0.8]], dtype=torch.float64)
+    prep = prepare(with_noise(crops(big, walk), 0.05, 3).float().to(device))
+    k = torch.arange(1, 5, device=device)
+    once, _ = measure(prep, k, k - 1, iterations=1)
+    monkeypatch.setattr(translation, "STOP_STEP", 0.0)
+    full, _ = measure(prep, k, k - 1, iterations=3)
+    converged, _ = measure(prep, k, k - 1, iterations=8)
+    monkeypatch.setattr(translation, "STOP_STEP", 1e9)
+    warped = []
+    real_shift = warp.shift_images
+    monkeypatch.setattr(warp, "shift_images", lambda x, *a, **kw: warped.append(x.shape[0]) or real_shift(x, *a, **kw))
+    frozen, _ = measure(prep, k, k - 1, iterations=3)
+    assert torch.allclose(frozen, once, atol=1e-12)
+    assert sum(warped) == (8 if device.type == "cpu" else 24)  # 4 pairs both ways, 1 or 3 iterations computed
+    monkeypatch.undo()
+    default, _ = measure(prep, k, k - 1, iterations=3)
+    # where the pairs stop, Newton had converged: as near the fixed point as three full iterations
+    fixed_point_error = (full - converged).abs().max()
+    assert (default - converged).abs().max() <= max(2 * fixed_point_error, 0.01)
+    assert (default.cpu() - torch.diff(walk, dim=0)).abs().max() < 0.1
+
+
 def test_constant_and_featureless_pairs_give_no_shift(device):
     flat = torch.full((2, SIZE, SIZE), 7.0, device=device)
     big = torch.tensor(texture(1, (SIZE + 48, SIZE + 48), 3)[0])

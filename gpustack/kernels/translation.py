@@ -48,6 +48,10 @@ from gpustack.kernels.fft_sizes import fast_size
 TILE_PX = 48  # target tile side at the fine level
 MAX_TILES = 16
 MAX_STEP = 1.0  # fine-level px per iteration: beyond, the linearisation does not hold; the step is cut
+# fine-level px: a pair whose Newton step fell below this has converged and takes no further step (measured on
+# the registration benchmark's pairs: 65 % of them stop after 2 of 3 iterations, within 0.003 px of where the
+# third would have taken them; Newton converges quadratically, the steps were 0.08, 0.007, 0.0008 px median)
+STOP_STEP = 0.01
 MIN_SIDE = 24  # px: a level smaller than this is not used
 COARSE_UPSAMPLE = 20  # sub-pixel steps of the coarse peak
 MIN_TILES = 3  # per side, for the median to outvote the tiles where structures change
@@ -216,38 +220,47 @@ def _fine(prep: Prepared, mov: torch.Tensor | slice, ref: torch.Tensor | slice, 
     dev = target.device
     mask = _overlap(h, start[:, 1], margin, dev)[:, :, None] * _overlap(w, start[:, 0], margin, dev)[:, None]
     gx, gy = gx * mask, gy * mask  # never in place: prep's own gradients when ref is a slice
-    product = torch.empty_like(moving)
-
-    def tile_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # one buffer: no pages mapped per product
-        return _tile_sums(torch.mul(a, b, out=product), tiles)
-
-    a11, a12, a22 = tile_dot(gx, gx), tile_dot(gx, gy), tile_dot(gy, gy)
+    product = torch.empty_like(moving)  # one buffer for every product: no pages mapped per product
+    a11, a12, a22 = (_tile_sums(torch.mul(a, b, out=product), tiles) for a, b in ((gx, gx), (gx, gy), (gy, gy)))
     trace = a11 + a22
     # a tile without texture in both directions (flat, or an edge along one axis) has no say
     textured = a11 * a22 - a12 * a12 > 1e-4 * trace.square()
     d = start.clone()
     nan = float("nan")
     buffers = (torch.zeros_like(moving), torch.zeros_like(moving))
-    for _ in range(iterations):
+    going = torch.ones(d.shape[0], dtype=torch.bool, device=dev)  # pairs not converged yet
+    on_cpu = dev.type == "cpu"
+    k = slice(0, d.shape[0])  # on the CPU, the span of the pairs still going: the others are not computed
+    for it in range(iterations):
         # on the CPU, two blends slice by slice (fastest there, one small sync per call); elsewhere the
         # batched gathers, which never wait for the host
-        warped = shift_images(moving, d, mode="edge", gather=moving.device.type != "cpu")
-        mx, my = _central_differences(warped, buffers)
-        c11, c12, c21, c22 = tile_dot(gx, mx), tile_dot(gx, my), tile_dot(gy, mx), tile_dot(gy, my)
-        r = warped.sub_(target)  # masked by gx, gy
-        b1, b2 = tile_dot(gx, r), tile_dot(gy, r)
+        warped = shift_images(moving[k], d[k], mode="edge", gather=not on_cpu)
+        mx, my = _central_differences(warped, (buffers[0][k], buffers[1][k]))
+        gxk, gyk, tr = gx[k], gy[k], trace[k]
+        c11, c12, c21, c22 = (_tile_sums(torch.mul(a, b, out=product[k]), tiles)
+                              for a, b in ((gxk, mx), (gxk, my), (gyk, mx), (gyk, my)))
+        r = warped.sub_(target[k])  # masked by gx, gy
+        b1, b2 = (_tile_sums(torch.mul(a, r, out=product[k]), tiles) for a in (gxk, gyk))
         # where the tile's edges are shared (gradients correlate), ref's own Hessian: the same step, less noise
-        shared = (c11 + c22) > SHARED_EDGES * trace
-        c11, c12, c21, c22 = (torch.where(shared, a, c) for a, c in ((a11, c11), (a12, c12), (a12, c21), (a22, c22)))
+        shared = (c11 + c22) > SHARED_EDGES * tr
+        c11, c12, c21, c22 = (torch.where(shared, a[k], c)
+                              for a, c in ((a11, c11), (a12, c12), (a12, c21), (a22, c22)))
         det = c11 * c22 - c12 * c21
-        usable = textured & (det.abs() > 1e-4 * trace.square())
+        usable = textured[k] & (det.abs() > 1e-4 * tr.square())
         safe = torch.where(usable, det, torch.ones_like(det))
         ux = torch.where(usable, (c22 * b1 - c12 * b2) / safe, torch.full_like(b1, nan))
         uy = torch.where(usable, (c11 * b2 - c21 * b1) / safe, torch.full_like(b2, nan))
         step = torch.stack([ux.nanmedian(dim=1).values, uy.nanmedian(dim=1).values], dim=1).to(torch.float64)
         step = torch.nan_to_num(step, nan=0.0)  # no usable tile: no update
-        step = step * (MAX_STEP / step.norm(dim=1, keepdim=True).clamp_min(MAX_STEP))
-        d = d - step
+        size = step.norm(dim=1, keepdim=True)
+        step = step * (MAX_STEP / size.clamp_min(MAX_STEP)) * going[k, None]
+        d[k] -= step
+        going[k] &= size[:, 0] >= STOP_STEP
+        if on_cpu and it + 1 < iterations:  # sync: none, CPU tensors
+            left = going.nonzero()[:, 0].tolist()
+            if not left:
+                break
+            k = slice(left[0], left[-1] + 1)
     return d
 
 
