@@ -89,10 +89,13 @@ def _problems(seed=0, b=4, outlier_every=7):
     return a, y, valid
 
 
+@pytest.mark.parametrize("masked", [True, False])  # False: every sample valid, the MAD's kthvalue path
 @pytest.mark.parametrize("norm", ["HuberT", "Hampel", "None"])
-def test_irls_agrees_with_statsmodels_rlm(device, norm):
+def test_irls_agrees_with_statsmodels_rlm(device, norm, masked):
     sm = pytest.importorskip("statsmodels.api")
     a, y, valid = _problems()
+    if not masked:
+        valid[:] = True
     basis = robust.Basis(torch.from_numpy(a).to(device))
     fit = robust.fit(basis, torch.from_numpy(y).float().to(device), torch.from_numpy(valid).to(device), norm=norm)
     for k in range(len(y)):
@@ -103,6 +106,19 @@ def test_irls_agrees_with_statsmodels_rlm(device, norm):
         surface = a @ (fit.coefs[k].cpu().numpy() - ref)
         # The fitted backgrounds agree to 1 % of the noise (sigma 10) in RMS.
         assert np.sqrt(np.mean(surface ** 2)) < 0.1, (norm, k)
+
+
+@pytest.mark.parametrize("m", [9, 10, 8281])
+def test_mad_of_all_valid_samples_is_the_lower_median(device, m):
+    """The kthvalue path (no mask) gives statsmodels' MAD with torch's lower median, as the masked path does."""
+    rng = np.random.default_rng(m)
+    resid = torch.tensor(rng.normal(0, 5, (3, m)), dtype=torch.float32, device=device)
+    valid = torch.ones(3, m, dtype=torch.bool, device=device)
+    fast = robust._mad_scale(resid, valid, all_valid=True)
+    masked = robust._mad_scale(resid, valid)
+    assert torch.equal(fast, masked)
+    lower = np.sort(np.abs(resid.cpu().numpy()), axis=1)[:, (m - 1) // 2]
+    np.testing.assert_allclose(fast.cpu().numpy(), lower / robust.MAD_NORMAL, rtol=1e-6)
 
 
 def test_robust_fit_ignores_outliers_that_bias_least_squares(device):

@@ -111,8 +111,14 @@ def _step(basis: Basis, w: torch.Tensor, resid: torch.Tensor) -> tuple[torch.Ten
     return torch.where(ok[:, None], dc, 0.0), ok
 
 
-def _mad_scale(resid: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """statsmodels' `mad(resid, center=0)` per problem, over the valid samples (torch's median is the lower one)."""
+def _mad_scale(resid: torch.Tensor, valid: torch.Tensor, all_valid: bool = False) -> torch.Tensor:
+    """statsmodels' `mad(resid, center=0)` per problem, over the valid samples (torch's median is the lower one).
+
+    `all_valid` (every sample of every problem): the lower median is the ((m + 1) // 2)-th smallest, which
+    kthvalue selects without the NaN mask (half the time of nanmedian on a few slices' samples; it was half of
+    the background fits' time)."""
+    if all_valid:
+        return torch.kthvalue(resid.abs(), (resid.shape[1] + 1) // 2, dim=1).values / MAD_NORMAL
     a = torch.where(valid, resid.abs(), float("nan"))
     return torch.nanmedian(a, dim=1).values / MAD_NORMAL
 
@@ -163,7 +169,7 @@ class _Anderson:
 
 def _irls(basis: Basis, y: torch.Tensor, valid: torch.Tensor, c: torch.Tensor, resid: torch.Tensor,
           scale: torch.Tensor, done: torch.Tensor, *, norm: str, maxiter: int, tol: float,
-          accelerate: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+          accelerate: bool, all_valid: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The reweighted iterations from a least-squares start; rows in `done` are left as they are.
 
     The rows still iterating form the working set, and a row leaves it when it converges: a batch costs what its
@@ -188,7 +194,7 @@ def _irls(basis: Basis, y: torch.Tensor, valid: torch.Tensor, c: torch.Tensor, r
         # A converging row ends on the plain step c + dc, as statsmodels' iteration would.
         ca = mixer.next(ca, dc, plain=converged) if accelerate else ca + dc
         ra = ya - basis.predict(ca)
-        sa = torch.where(converged, sa, _mad_scale(ra, va))
+        sa = torch.where(converged, sa, _mad_scale(ra, va, all_valid))
         c[rows], scale[rows] = ca, sa
         running = (~converged & (sa > 0)).nonzero()[:, 0]  # sync: the only host synchronisation per iteration
         if len(running) < len(rows):
@@ -216,11 +222,12 @@ def fit(basis: Basis, y: torch.Tensor, valid: torch.Tensor, *, norm: str = "Hube
         c = c + dc
         resid = y - basis.predict(c)
     fitted = ok & (valid.sum(dim=1) >= basis.n_terms) & basis.full_rank
-    scale = _mad_scale(resid, valid)
+    all_valid = bool(valid.all())  # sync: once per fit (no thresholds, no NaN: the usual case)
+    scale = _mad_scale(resid, valid, all_valid)
     iterations = torch.zeros(y.shape[0], dtype=torch.int32, device=y.device)
     if norm != "None":
         c, scale, iterations = _irls(basis, y, valid, c, resid, scale, ~fitted | ~(scale > 0), norm=norm,
-                                     maxiter=maxiter, tol=tol, accelerate=accelerate)
+                                     maxiter=maxiter, tol=tol, accelerate=accelerate, all_valid=all_valid)
     c = torch.where(fitted[:, None], c, float("nan"))
     if not basis.full_rank:
         return Fit(torch.full_like(c, float("nan")), scale, iterations, fitted)
