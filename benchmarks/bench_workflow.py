@@ -230,7 +230,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-pystack3d", action="store_true")
     parser.add_argument("--root", type=Path, default=Path("/tmp/gpustack-bench-workflow"))
     parser.add_argument("--no-record", action="store_true", help="print only; leave RESULTS.md and the figure")
+    parser.add_argument("--references", type=int, default=None,
+                        help="gpustack only: [registration_calculation] references = N (slices each one is "
+                             "registered to; default 1); implies --no-record")
     args = parser.parse_args(argv)
+    if args.references is not None:
+        args.no_record = True  # RESULTS.md holds runs of the same params.toml for both tools
 
     from gpustack.device import resolve_device
 
@@ -246,7 +251,9 @@ def main(argv: list[str] | None = None) -> int:
         text = params(stack, mode, args.nproc)
         res = results[mode] = {}
         print(f"[{mode}] gpustack on {choice.description} ...", flush=True)
-        res["gpustack"] = run_gpustack(stack, args.root / f"gpustack_{mode}", text, str(choice.device))
+        gpustack_text = text if args.references is None else text.replace(
+            "[registration_calculation]\n", f"[registration_calculation]\nreferences = {args.references}\n")
+        res["gpustack"] = run_gpustack(stack, args.root / f"gpustack_{mode}", gpustack_text, str(choice.device))
         if not args.no_pystack3d:
             print(f"[{mode}] PyStack3D, nproc={args.nproc} ...", flush=True)
             res["pystack3d"] = run_pystack3d(stack, args.root / f"pystack3d_{mode}", text, args.nproc)
