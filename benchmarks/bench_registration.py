@@ -4,7 +4,9 @@ A synthetic uint16 stack whose slices drift by a random walk (known shifts) is c
 gpustack and by PyStack3D (nproc = 2) from the same params.toml. Each tool runs three times as a fresh process,
 warm cache: cropping only, cropping + registration_calculation, then registration_transformation alone on that
 result, so that the estimation and the warp are timed against the cropping-only run. gpustack's runs, a few
-seconds each, are repeated (--repeats, median): single runs varied by +-0.5 s on a shared 2-core machine.
+seconds each, are repeated in rounds of the three (--repeats): each marginal is the median over the rounds of
+the difference within a round, since single runs varied by +-0.5 s on a shared 2-core machine. The estimator's
+variants (one way, more references) are medians of --repeats runs less the median cropping run.
 Accuracy: the cumulative displacement of every slice (from each tool's tmats.npy, the same file format) against
 the known shifts.
 
@@ -105,7 +107,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--repeats", type=int, default=3, help="runs of each gpustack stage (median)")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of gpustack's three runs (medians)")
     parser.add_argument("--transformation", default="TRANSLATION", choices=["TRANSLATION", "RIGID_BODY",
                                                                             "SCALED_ROTATION", "AFFINE"])
     args = parser.parse_args()

@@ -334,6 +334,13 @@ def test_nearly_blank_slice_is_left_intact(mapping):
     out = gpustack.rescale_intensity(stack, mapping=mapping, correct="all")
     np.testing.assert_array_equal(out[2], nearly)
     assert np.abs(out[1] - base).mean() < 0.25 * np.abs(stack[1] - base).mean()
+    # most of the stack blank (before the sample enters the field of view): still those that are left alone
+    stack = np.stack([nearly, nearly, base, nearly, 0.8 * base])
+    out = gpustack.rescale_intensity(stack, mapping=mapping, correct="all")
+    np.testing.assert_array_equal(out[[0, 1, 3]], stack[[0, 1, 3]])
+    # the two measured slices meet between them (not crushed by a reference taken from the blank ones)
+    assert np.abs(out[2] - out[4]).mean() < 0.15 * np.abs(stack[2] - stack[4]).mean()
+    assert 0.85 * base.mean() < out[[2, 4]].mean() < 0.95 * base.mean()
 
 
 def test_constant_and_nan_slices_only():

@@ -298,53 +298,74 @@ def test_fit_and_halo_steps_give_the_same_answer_for_any_batch_size(tmp_path, mo
 
 
 class Darken(Step):
-    """Takes 40000 grey levels off: much of a uint16 stack goes below 0, which is written (and read back) as 0."""
+    """Takes 40000 grey levels off: much of a uint16 stack goes below 0, which is written (and read back) as 0.
+    With `holes`, a few pixels become NaN (as a warp's 'constant' fill does), written as 0."""
 
     name = "bkg_removal"
     Config = _NoConfig
+    holes = False
+
+    @property
+    def may_make_nan(self):
+        return self.holes
 
     def apply(self, batch: Batch, state):
-        return batch.data - 39999.7
+        out = batch.data - 39999.7
+        if self.holes:
+            out[:, :2, :3] = float("nan")
+        return out
 
 
 class SumOfItsInput(Step):
-    """A statistics pass that only sums what it is given, and a copy of its input as output."""
+    """A statistics pass that records what it is given, batch by batch (halo rows included), and a copy of its
+    input as output."""
 
     name = "intensity_rescaling"
     Config = _NoConfig
-
-    def fit_batch(self, batch: Batch):
-        return batch.data[batch.core].sum(dtype=torch.float64), batch.data[batch.core].amin()
-
     seen: list = []
 
+    def fit_batch(self, batch: Batch):
+        x = batch.data
+        return batch.start, x.shape[0], x.nansum(dtype=torch.float64), x.isnan().sum(), x.nan_to_num(1e9).amin()
+
     def fit_reduce(self, partials):
-        self.seen.append((float(sum(p[0] for p in partials)), float(min(p[1] for p in partials))))
+        self.seen.extend(partials)
         return None
 
     def apply(self, batch: Batch, state):
         return batch.data
 
 
+@pytest.mark.parametrize("holes", [False, True])
 @pytest.mark.parametrize("fit_halo", [(0, 0), (1, 0)])  # (1, 0): registration's, the fit gets the slice before
 @pytest.mark.parametrize("batch_size", [1, 3])
-def test_a_statistics_pass_sees_the_slices_its_step_will_read(tmp_path, monkeypatch, batch_size, fit_halo):
+def test_a_statistics_pass_sees_the_slices_its_step_will_read(tmp_path, monkeypatch, batch_size, fit_halo, holes):
     """The fitted step reads the previous step's written slices (rounded, clipped to uint16): its statistics are
-    taken on exactly those, not on the float values before they were written (a slice taken below 0 by a
-    background would be measured as a ramp and read back as 0s)."""
+    taken on exactly those, halo rows included, not on the float values before they were written (a slice taken
+    below 0 by a background would be measured as a ramp and read back as 0s). NaN pixels stay NaN for the
+    statistics, which leave them out, rather than the 0 they are written as."""
     monkeypatch.setitem(step_registry.REGISTRY, "bkg_removal", Darken)
     monkeypatch.setitem(step_registry.REGISTRY, "intensity_rescaling", SumOfItsInput)
+    monkeypatch.setattr(Darken, "holes", holes)
+    monkeypatch.setattr(SumOfItsInput, "seen", [])
+    monkeypatch.setattr(SumOfItsInput, "fit_halo", fit_halo)
     write_stack(tmp_path, n=5, shape=(8, 9), dtype="uint16")
     params = write_params(tmp_path, f'batch_size = {batch_size}\n'
                           'process_steps = ["bkg_removal", "intensity_rescaling"]\n')
-    monkeypatch.setattr(SumOfItsInput, "seen", [])
-    monkeypatch.setattr(SumOfItsInput, "fit_halo", fit_halo)
     run_params(params)
     written = np.stack([tifffile.imread(p) for p in sorted((tmp_path / "process" / "bkg_removal").glob("*.tif"))])
     assert (written == 0).mean() > 0.4  # the case at hand: many pixels clipped
-    (total, lowest), = SumOfItsInput.seen
-    assert lowest == 0.0
-    assert total == written.astype(np.float64).sum()
+    seen = SumOfItsInput.seen
+    assert sum(n for _, n, *_ in seen) > 5 if fit_halo != (0, 0) else sum(n for _, n, *_ in seen) == 5
+    for start, n, total, nans, lowest in seen:
+        rows = written[start:start + n].astype(np.float64)
+        if holes:
+            assert int(nans) == 6 * n and (rows[:, :2, :3] == 0).all()
+            rows[:, :2, :3] = 0.0  # NaN there: left out of the sum
+        else:
+            assert int(nans) == 0
+        assert float(total) == rows.sum()
+        assert float(lowest) == 0.0
 
 
 def test_statistics_of_written_integers_follow_from_the_output(device):

@@ -12,7 +12,7 @@ def to_storage(x: torch.Tensor, dtype: torch.dtype, *, nan_possible: bool = True
     (`nan_possible=False` skips that pass for data that cannot hold NaN).
 
     Returns float32 values already rounded and clipped, so statistics of what is written can be taken
-    before the final, exact, `.to(dtype)`.
+    before the final, exact, `.to(dtype)`. With `nan_possible=False`, NaN pixels (if any) stay NaN.
     """
     if dtype not in INT_RANGES:
         return x.to(dtype)

@@ -28,7 +28,7 @@ def slice_cdfs(x: torch.Tensor, bins: int = FINE_BINS) -> dict[str, torch.Tensor
     else:
         count = torch.full((b,), x.shape[1] * x.shape[2], dtype=torch.int64, device=x.device)
     # One bincount over every slice at once, bin index + slice * (bins + 1): bin `bins` holds the pixels at hi
-    # (and float32 rounding just past it) and is folded into the last bin; NaN pixels go to a last, dropped
+    # (and float32 rounding just past it) and is folded into the last bin; non-finite pixels go to a last, dropped
     # bin. The index costs one fused multiply-add and one conversion: (x - lo) * s >= 0 up to rounding, and
     # the conversion truncates a rounding -0.0001 to bin 0.
     s = bins / (hi - lo)

@@ -153,7 +153,7 @@ def run_pass(spec: PassSpec, *, device: torch.device, batch_size: int, io_thread
                 x = converted.view(-1)[: x.numel()].view(x.shape).copy_(x)
             known = spec.push_region or spec.input_stats is not None
             stats = [_nan_row(x[core]) if known else stats_of(x[core], nan_possible)]
-            written: tuple[torch.Tensor, torch.dtype] | None = None  # the last output written, and its dtype
+            written: tuple[int, torch.Tensor, torch.dtype] | None = None  # the fit's input: the last run written
             for j, r in enumerate(runs):
                 if r.region is not None and not (j == 0 and spec.push_region):
                     x = x[:, r.region[0], r.region[1]]
@@ -176,14 +176,20 @@ def run_pass(spec: PassSpec, *, device: torch.device, batch_size: int, io_thread
                     stored = to_storage(out.to(torch.float32), out_dtype, nan_possible=nan_possible)
                     stored_stats = _stored_stats(stored, out_stats, out_dtype, nan_possible)
                 stats.append(stored_stats)
-                written = (stored, out_dtype)
+                if spec.fit is not None:
+                    written = (j, stored, out_dtype)
                 writes.write(r.out_dir, stored.to(out_dtype).cpu().numpy(), b0, b1, slot)  # sync: to the writers
             if spec.fit is not None:
                 # The fitted step's pass reads what this one wrote last: its statistics are taken on exactly
-                # that, rounded and clipped (a slice that bkg_removal takes below 0 is read back as 0s).
-                if written is not None and x.is_floating_point() and written[1] != torch.float32:
-                    x = written[0] if x.shape[0] == written[0].shape[0] else to_storage(
-                        x, written[1], nan_possible=nan_possible)
+                # that, rounded and clipped (a slice that bkg_removal takes below 0 is read back as 0s). NaN
+                # (a warp's fill) stays NaN, which statistics leave out, rather than the 0 it is written as.
+                # Only if the runs after the written one pass their input on (they write nothing).
+                if (written is not None and x.is_floating_point() and written[2] != torch.float32
+                        and not any(r.step.writes_slices for r in runs[written[0] + 1:])):
+                    if nan_possible or x.shape[0] != written[1].shape[0]:
+                        x = to_storage(x, written[2], nan_possible=False)  # rounds and clips; NaN stays NaN
+                    else:
+                        x = written[1]
                 if not x.is_floating_point():
                     x = x.to(torch.float32)
                 elif x.untyped_storage().data_ptr() in (ring[slot].untyped_storage().data_ptr(),

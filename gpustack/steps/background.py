@@ -86,6 +86,7 @@ def basis_powers(config: BkgRemovalConfig) -> Powers:
 class BkgRemoval(Step):
     name = "bkg_removal"
     Config = BkgRemovalConfig
+    version = 2  # 2: statistics of the slices as written (rounded, clipped)
     work_buffers = 3  # the input, the background, the output
 
     def __init__(self, config: BkgRemovalConfig):

@@ -10,7 +10,7 @@ against ground truth drops on a synthetic stack), while detector drifts are gain
 (`correct = "jumps"`, `kernels/jumps.py`) only the abrupt changes of those gains and offsets along z are undone:
 the smooth ones come from the content, and undoing them cost slices without any defect 14 dB. `mapping =
 "histogram"` with `reference = "mean"` is PyStack3D's method. Slices that cannot be measured (constant, all NaN, an
-empty area, or a 2-98 % quantile range under 1 % of the stack's median one: a blank frame with a few pixels left)
+empty area, or a 2-98 % quantile range under 1 % of most slices': a blank frame with a few pixels left)
 are left as they are and named in a warning.
 """
 
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 
 LINEAR_QUANTILES = (0.02, 0.98)  # the 'linear' mapping ignores the tails (saturated or empty pixels)
-# slices whose 2-98 % quantile range is below this fraction of the stack's median one are left as they are
+# slices whose 2-98 % quantile range is below this fraction of the stack's 90th percentile one are left alone
 DEGENERATE_SPREAD = 0.01
 
 
@@ -74,7 +74,7 @@ class IntensityRescalingConfig:
 class IntensityRescaling(Step):
     name = "intensity_rescaling"
     Config = IntensityRescalingConfig
-    version = 2  # 2: nearly constant slices are left as they are
+    version = 2  # 2: nearly constant slices are left as they are; statistics of the slices as written
     work_buffers = 7  # input, index (int64), two gathered tables, output
 
     def fit_batch(self, batch: Batch) -> dict[str, torch.Tensor]:
@@ -104,7 +104,9 @@ class IntensityRescaling(Step):
         inner = torch.tensor(LINEAR_QUANTILES, dtype=torch.float64, device=cdf.device).expand(n, -1)
         q = interp(inner, cdf, fine_edges)
         spread = torch.where(active, q[:, 1] - q[:, 0], float("nan"))
-        active = active & (spread > DEGENERATE_SPREAD * spread.nanmedian())
+        # against the 90th percentile, not the median: the blank frames may be most of the stack (before the
+        # sample enters the field of view)
+        active = active & (spread > DEGENERATE_SPREAD * torch.nanquantile(spread, 0.9))
         state: dict[str, Any] = {"active": active, "lo": parts["lo"], "hi": parts["hi"]}
         if not bool(active.any()):  # sync: once per stack
             state["lut"] = torch.zeros(n, fine + 1, dtype=torch.float32, device=cdf.device)
@@ -198,6 +200,7 @@ class IntensityRescalingAreaConfig:
 class IntensityRescalingArea(Step):
     name = "intensity_rescaling_area"
     Config = IntensityRescalingAreaConfig
+    version = 2  # 2: statistics of the slices as written (rounded, clipped)
     work_buffers = 2
 
     def output_shape(self, shape: tuple[int, int]) -> tuple[int, int]:

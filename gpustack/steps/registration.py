@@ -73,6 +73,7 @@ class RegistrationCalculationConfig:
 class RegistrationCalculation(Step):
     name = "registration_calculation"
     Config = RegistrationCalculationConfig
+    version = 2  # 2: pairs stop iterating once converged; statistics of the slices as written
     writes_slices = False
     fit_on_first_channel = True
     work_buffers = 4  # windowed copies and their spectra
