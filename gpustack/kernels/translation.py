@@ -220,8 +220,12 @@ def _fine(prep: Prepared, mov: torch.Tensor | slice, ref: torch.Tensor | slice, 
     dev = target.device
     mask = _overlap(h, start[:, 1], margin, dev)[:, :, None] * _overlap(w, start[:, 0], margin, dev)[:, None]
     gx, gy = gx * mask, gy * mask  # never in place: prep's own gradients when ref is a slice
-    product = torch.empty_like(moving)  # one buffer for every product: no pages mapped per product
-    a11, a12, a22 = (_tile_sums(torch.mul(a, b, out=product), tiles) for a, b in ((gx, gx), (gx, gy), (gy, gy)))
+    product = torch.empty_like(moving)
+
+    def tile_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # one buffer: no pages mapped per product
+        return _tile_sums(torch.mul(a, b, out=product[: a.shape[0]]), tiles)  # fewer pairs: its first rows
+
+    a11, a12, a22 = tile_dot(gx, gx), tile_dot(gx, gy), tile_dot(gy, gy)
     trace = a11 + a22
     # a tile without texture in both directions (flat, or an edge along one axis) has no say
     textured = a11 * a22 - a12 * a12 > 1e-4 * trace.square()
@@ -237,10 +241,9 @@ def _fine(prep: Prepared, mov: torch.Tensor | slice, ref: torch.Tensor | slice, 
         warped = shift_images(moving[k], d[k], mode="edge", gather=not on_cpu)
         mx, my = _central_differences(warped, (buffers[0][k], buffers[1][k]))
         gxk, gyk, tr = gx[k], gy[k], trace[k]
-        c11, c12, c21, c22 = (_tile_sums(torch.mul(a, b, out=product[k]), tiles)
-                              for a, b in ((gxk, mx), (gxk, my), (gyk, mx), (gyk, my)))
+        c11, c12, c21, c22 = tile_dot(gxk, mx), tile_dot(gxk, my), tile_dot(gyk, mx), tile_dot(gyk, my)
         r = warped.sub_(target[k])  # masked by gx, gy
-        b1, b2 = (_tile_sums(torch.mul(a, r, out=product[k]), tiles) for a in (gxk, gyk))
+        b1, b2 = tile_dot(gxk, r), tile_dot(gyk, r)
         # where the tile's edges are shared (gradients correlate), ref's own Hessian: the same step, less noise
         shared = (c11 + c22) > SHARED_EDGES * tr
         c11, c12, c21, c22 = (torch.where(shared, a[k], c)
