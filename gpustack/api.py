@@ -136,16 +136,17 @@ def rescale_intensity_area(stack: Any, *, area: Sequence[int] | None = None, thr
     return out, back(state["factors"])
 
 
-def register_stack(stack: Any, *, references: int = 1, estimator: str = "tiles", tiles: int = 0, binning: int = 0,
+def register_stack(stack: Any, *, references: int = 0, estimator: str = "tiles", tiles: int = 0, binning: int = 0,
                    iterations: int = 3, symmetric: bool = True, upsample: int = 20, refine: int = 0,
                    area: Sequence[int] | None = None, device: str | None = None, batch_size: int = 16) -> Any:
     """Translations that align every slice of a stack (N, H, W) onto slice 0, as (N, 3, 3) cumulative matrices
     in skimage's `warp` convention (output pixel -> input pixel), the same kind of array as the input.
 
     Each slice is matched to the `references` slices before it, and the positions are solved in robust least
-    squares (references = 1: pairwise chaining, as PyStack3D). `estimator = "tiles"` (default): correlation on a
-    binned copy, then `iterations` Newton iterations on the intensities moved by the median of
-    `tiles` x `tiles` tiles' updates (0: automatic), robust to structures that change between slices; pairs of
+    squares (references = 1: pairwise chaining, as PyStack3D; 0: 3 with the tiles estimator, 1 with
+    correlation). `estimator = "tiles"` (default): correlation on a binned copy, then `iterations` Newton
+    iterations on the intensities moved by the median of `tiles` x `tiles` tiles' updates (0: automatic), robust
+    to structures that change between slices; pairs of
     neighbouring slices are measured both ways unless `symmetric` is False (one way on slices under 128 px
     after binning);
     `"correlation"`: the cross-correlation peak (1/upsample px) and `refine` whole-slice Gauss-Newton iterations.
@@ -156,10 +157,13 @@ def register_stack(stack: Any, *, references: int = 1, estimator: str = "tiles",
 
     from gpustack.arrays import to_torch
     from gpustack.kernels import translation
-    from gpustack.steps.registration import _solve_translations, measure_translations
+    from gpustack.steps.registration import _solve_translations, default_references, measure_translations
 
     if estimator not in ("tiles", "correlation"):
         raise ValueError(f"estimator must be 'tiles' or 'correlation', got {estimator!r}")
+    if references < 0:
+        raise ValueError(f"references must be 0 (automatic) or more, got {references}")
+    references = references or default_references(estimator)
 
     t, back = to_torch(stack, device)
     if t.ndim != 3:

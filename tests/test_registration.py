@@ -151,14 +151,23 @@ def test_a_featureless_slice_keeps_its_neighbours_position(tmp_path):
     files = stack.files()
     blank = tifffile.imread(files[6])
     tifffile.imwrite(files[6], np.full_like(blank, 1000))
-    process, logs = _run(tmp_path, _params(stack, '["cropping", "registration_calculation", '
-                                                  '"registration_transformation"]'))
+    steps = '["cropping", "registration_calculation", "registration_transformation"]'
+    process, logs = _run(tmp_path, _params(stack, steps, "references = 1"))
     assert any("could not be matched" in line and files[6].name in line for line in logs)
     tmats = np.load(process / "registration_calculation" / "tmats.npy")[:, 0]
-    # both pairs of the blank slice are the identity: it keeps its neighbour's position
+    # pairwise chaining: both pairs of the blank slice are the identity, it keeps its neighbour's position
     assert np.array_equal(tmats[6], np.eye(3)) and np.array_equal(tmats[7], np.eye(3))
     # no shift in this stack: the other steps are what its changing structures make of it (measured: at most
     # 0.58 px on these 84 px slices, whose spheres of 2.5-6 px change every slice), never a wild jump
+    assert np.abs(tmats[:, :2, 2]).max() < 0.75
+    # the default (3 references): slice 7 is placed by its matches with 5 and 4, the blank slice between its
+    # neighbours, by the faint ties that keep the system solvable (measured: steps of 0.56 px at most)
+    process, logs = _run(tmp_path, _params(stack, steps))
+    assert any("could not be matched" in line and files[6].name in line for line in logs)
+    tmats = np.load(process / "registration_calculation" / "tmats.npy")[:, 0]
+    positions = np.cumsum(tmats[:, :2, 2], axis=0)
+    low, high = np.minimum(positions[5], positions[7]), np.maximum(positions[5], positions[7])
+    assert np.all((positions[6] >= low - 1e-6) & (positions[6] <= high + 1e-6))
     assert np.abs(tmats[:, :2, 2]).max() < 0.75
 
 
@@ -168,7 +177,8 @@ def test_a_featureless_slice_keeps_its_neighbours_position(tmp_path):
     ('estimator = "fft"', "estimator"),
     ("tiles = -1", "tiles"),
     ("nb_blocks = [50, 50]", "nb_blocks"),
-    ("references = 0", "references"),
+    ("references = -1", "references"),
+    ("references = 17", "references"),
 ])
 def test_calculation_mistakes_name_the_key(tmp_path, table, key):
     from tests.conftest import write_stack

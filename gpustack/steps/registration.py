@@ -1,7 +1,7 @@
 """`registration_calculation` and `registration_transformation` (PEERS §1.5-1.6).
 
 The calculation runs as a statistics pass on the first channel: each slice is registered to the `references`
-slices before it (on the device: by default `kernels/translation.py`'s correlation then Newton iterations moved by
+slices before it (3 by default for translations) (on the device: by default `kernels/translation.py`'s correlation then Newton iterations moved by
 the median of tiles, robust to structures that change; or pystackreg), and the slices' positions are solved in
 least squares from all those measurements, weighted by their quality; with `references = 1` this is PyStack3D's
 pairwise chaining, whose error accumulates along the stack. The result is saved as PyStack3D's `tmats.npy`
@@ -43,8 +43,10 @@ class RegistrationCalculationConfig:
     engine: str = param("gpustack", choice("gpustack", "pystackreg", "auto"),
                         "gpustack: cross-correlation, then Gauss-Newton on an image pyramid for the richer models, "
                         "on the device; pystackreg: PyStack3D's library on the CPU (auto: gpustack)")
-    references: int = param(1, integer(1, 16), "gpustack: register each slice to this many slices before it and "
-                                              "solve positions in robust least squares (1: pairwise chaining)")
+    references: int = param(0, integer(0, 16), "gpustack, TRANSLATION: register each slice to this many slices "
+                                              "before it and solve positions in robust least squares (1: "
+                                              "PyStack3D's pairwise chaining; 0: automatic, 3 with estimator "
+                                              "tiles, 1 with correlation)")
     estimator: str = param("tiles", choice("tiles", "correlation"),
                            "gpustack, translations: tiles: correlation on a binned copy, then Newton on the "
                            "intensities moved by the median of the tiles' updates (robust to structures that "
@@ -69,6 +71,22 @@ class RegistrationCalculationConfig:
     def uses_pystackreg(self) -> bool:
         return self.engine == "pystackreg"
 
+    @property
+    def slices_referenced(self) -> int:
+        """`references`, with 0 resolved: several references only for gpustack's translations (positions
+        solved jointly; other models and pystackreg chain pairs)."""
+        if self.uses_pystackreg or self.transformation != "TRANSLATION":
+            return 1
+        return self.references or default_references(self.estimator)
+
+
+def default_references(estimator: str) -> int:
+    """What `references = 0` means. Tiles: 3, which bounds the drift that chaining accumulates where structures
+    stay alike over a few slices (RESULTS.md: the registration and workflow benchmarks, about 3x the pairs'
+    work). The correlation peak of slices two or three apart is too loose on the fast-changing stacks that
+    estimator is for (tests/test_registration.py: 1.9 px after 100 slices with 1 reference, 2.9 px with 3)."""
+    return 3 if estimator == "tiles" else 1
+
 
 class RegistrationCalculation(Step):
     name = "registration_calculation"
@@ -80,9 +98,7 @@ class RegistrationCalculation(Step):
 
     def __init__(self, config: RegistrationCalculationConfig):
         super().__init__(config)
-        # several references only for translations (their positions are solved jointly); other models chain
-        several = not config.uses_pystackreg and config.transformation == "TRANSLATION"
-        self.fit_halo = (config.references if several else 1, 0)  # type: ignore[misc]
+        self.fit_halo = (config.slices_referenced, 0)  # type: ignore[misc]
 
     def output_shape(self, shape: tuple[int, int]) -> tuple[int, int]:
         rows, cols = shape
