@@ -164,6 +164,26 @@ def test_truncated_tiff_console_script(tmp_path):
     assert_no_complete_output(tmp_path)
 
 
+@pytest.mark.parametrize("device", [[], ["--device", "cpu"]], ids=["host", "device-pass"])
+def test_damaged_compressed_slice(tmp_path, capsys, device):
+    """A zlib slice whose header is sound but whose compressed bytes are not: only decoding can tell (validate
+    reads headers), so the run names the file when it reaches it."""
+    write_stack(tmp_path)
+    for path in sorted(tmp_path.glob("s_*.tif")):
+        tifffile.imwrite(path, tifffile.imread(path), compression="zlib")
+    bad = tmp_path / "s_0003.tif"
+    with tifffile.TiffFile(bad) as tif:
+        start = tif.pages[0].dataoffsets[0]
+    data = bytearray(bad.read_bytes())
+    data[start + 10:start + 60] = bytes(range(50))
+    bad.write_bytes(bytes(data))
+    params = write_params(tmp_path, CROP)
+    code, _, err = cli(capsys, "run", str(params), "-q", *device)
+    assert code == 2
+    error_line(err, str(bad), "damaged")
+    assert_no_complete_output(tmp_path)
+
+
 @pytest.mark.parametrize("keep", [8, 100])
 def test_tiff_cut_inside_its_header(tmp_path, keep):
     write_stack(tmp_path)

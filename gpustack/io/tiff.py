@@ -242,6 +242,16 @@ def read_slice(info: SliceInfo, out: np.ndarray, rows: slice | None = None) -> N
                          "`pip install imagecodecs`") from None
     except (OSError, ValueError, RuntimeError, struct.error) as exc:
         raise InputError(f"{info.path}: cannot read the slice ({exc})") from None
+    except MemoryError:
+        raise
+    except Exception as exc:  # a codec's own error (zlib.error, imagecodecs' *Error): damaged compressed data
+        raise InputError(f"{info.path}: cannot decode the slice, its compressed data are damaged "
+                         f"({_error_name(exc)}: {exc}); copy it again from the source") from None
+
+
+def _error_name(exc: Exception) -> str:
+    kind = type(exc)
+    return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
 
 
 def write_slice(path: Path, data: np.ndarray, info: SliceInfo) -> None:

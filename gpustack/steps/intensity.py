@@ -43,7 +43,7 @@ DEGENERATE_SPREAD = 0.01
 
 @dataclass(frozen=True)
 class IntensityRescalingConfig:
-    nbins: int = param(256, integer(1), "histogram bins of the reference distributions (over the stack's range)")
+    nbins: int = param(256, integer(2), "histogram bins of the reference distributions (over the stack's range)")
     filter_size: int = param(-1, integer(-1), "reference of each slice: -1 all slices, n > 0 the n slices "
                                               "around it")
     mapping: str = param("linear", choice("linear", "histogram"),
