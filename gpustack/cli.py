@@ -276,6 +276,9 @@ def entry() -> None:
 
     tune()  # before torch allocates anything
     code = main()
+    from gpustack import pools
+
+    pools.shutdown()  # os._exit would leave the reference engines' workers running
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

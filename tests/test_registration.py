@@ -423,3 +423,19 @@ def test_neighbouring_pairs_are_measured_both_ways_in_the_api_and_the_step(tmp_p
     table = "[registration_calculation]\nreferences = 2\n" + ("" if symmetric else "symmetric = false\n")
     _run(tmp_path, 'process_steps = ["registration_calculation"]\n' + table)
     assert sum(rows) == pairs + (5 if symmetric else 0)
+
+
+def test_the_pystackreg_pool_ends_with_the_run(tmp_path):
+    """The console script ends with os._exit: the engine's spawned workers must be stopped before it, or they
+    outlive gpustack holding its stdout and stderr, and `out=$(gpustack run ...)` never returns (measured before
+    the fix: still blocked after 60 s)."""
+    pytest.importorskip("pystackreg")
+    from tests.test_bad_input import run_script, write_stack
+
+    write_stack(tmp_path / "data", n=4, shape=(64, 64))
+    params = write_params(tmp_path, 'project_dir = "data"\nprocess_steps = ["registration_calculation"]\n'
+                                    '[registration_calculation]\nengine = "pystackreg"\n')
+    # capture_output reads the pipes to their end: the end comes only once every process holding them exits
+    proc = run_script("run", str(params), "-q", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "data" / "process" / "registration_calculation" / "tmats.npy").is_file()

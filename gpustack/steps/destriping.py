@@ -289,9 +289,6 @@ class Destriping(Step):
 
 # -- pyvsnr engine --------------------------------------------------------------------------------------------
 
-_POOL = None
-
-
 def _pyvsnr_slice(args: tuple) -> Any:
     import numpy as np
     from pyvsnr import vsnr2d
@@ -319,13 +316,8 @@ def _pyvsnr(x: torch.Tensor, cfg: DestripingConfig) -> torch.Tensor:
         outs = [vsnr2d(img, filters, maxit=cfg.maxit, algo="cupy", beta=cfg.beta, norm=False,
                        cvg_threshold=cfg.cvg_threshold) if img.max() > 0 else img for img in host]
     else:
-        global _POOL
-        if _POOL is None:
-            import multiprocessing
-            import os
-            from concurrent.futures import ProcessPoolExecutor
+        from gpustack.pools import process_pool
 
-            _POOL = ProcessPoolExecutor(os.cpu_count() or 1, mp_context=multiprocessing.get_context("spawn"))
         jobs = [(img, filters, cfg.maxit, cfg.cvg_threshold, cfg.beta) for img in host]
-        outs = list(_POOL.map(_pyvsnr_slice, jobs))
+        outs = list(process_pool().map(_pyvsnr_slice, jobs))
     return torch.from_numpy(np.stack(outs).astype(np.float32)).to(x.device)

@@ -15,7 +15,6 @@ every channel in batches on the device. Matrices follow skimage's `warp` convent
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -404,9 +403,6 @@ def _solve_graph(k: np.ndarray, j: np.ndarray, w: np.ndarray, m: np.ndarray, n: 
     return np.vstack([np.zeros((1, 2)), x])
 
 
-_POOL = None
-
-
 def _pystackreg_pair(args: tuple[np.ndarray, np.ndarray, str]) -> np.ndarray:
     from pystackreg import StackReg
 
@@ -423,16 +419,12 @@ def _pystackreg_pairs(ref: "torch.Tensor", mov: "torch.Tensor", name: str) -> tu
     except ImportError:
         raise ParamError("engine", "pystackreg is not installed: pip install pystackreg, or use engine = "
                                    "\"gpustack\" (TRANSLATION)") from None
-    global _POOL
-    if _POOL is None:
-        from concurrent.futures import ProcessPoolExecutor
-        import multiprocessing
+    from gpustack.pools import process_pool
 
-        _POOL = ProcessPoolExecutor(os.cpu_count() or 1, mp_context=multiprocessing.get_context("spawn"))
     r = ref.double().cpu().numpy()  # sync: the CPU engine works on host arrays
     m = mov.double().cpu().numpy()  # sync: the CPU engine works on host arrays
     jobs = [(r[i, b], m[i, b], name) for i in range(r.shape[0]) for b in range(r.shape[1])]
-    mats = np.stack(list(_POOL.map(_pystackreg_pair, jobs, chunksize=4))).reshape(r.shape[0], r.shape[1], 3, 3)
+    mats = np.stack(list(process_pool().map(_pystackreg_pair, jobs, chunksize=4))).reshape(r.shape[0], r.shape[1], 3, 3)
     quality = np.ones(r.shape[:2])  # pystackreg gives no score
     return torch.from_numpy(mats), torch.from_numpy(quality)
 
