@@ -184,6 +184,20 @@ def test_damaged_compressed_slice(tmp_path, capsys, device):
     assert_no_complete_output(tmp_path)
 
 
+@pytest.mark.parametrize("steps", [CROP, 'process_steps = ["bkg_removal"]\n'], ids=["host", "device-pass"])
+def test_results_folder_that_cannot_be_written(tmp_path, capsys, steps):
+    """output_dir where a file is (the same message as read-only raw data, which a root test user cannot make)."""
+    write_stack(tmp_path)
+    before = digest(tmp_path)
+    (tmp_path / "taken").write_text("a file, not a folder")
+    params = write_params(tmp_path, 'output_dir = "taken"\n' + steps)
+    code, _, err = cli(capsys, "run", str(params), "-q")
+    assert code == 2
+    error_line(err, str(tmp_path / "taken" / "process"), "cannot write", "--output-dir")
+    after = digest(tmp_path)
+    assert after.pop("taken") and after.pop("params.toml") and after == before
+
+
 @pytest.mark.parametrize("keep", [8, 100])
 def test_tiff_cut_inside_its_header(tmp_path, keep):
     write_stack(tmp_path)

@@ -210,6 +210,19 @@ def _prewarm_plotting() -> None:
     import gpustack.report.plotting  # noqa: F401
 
 
+def _check_writable(process: Path) -> None:
+    """Before any slice is read: the results folder can be made and written (read-only raw data, a file where
+    the folder should be), so that the user hears it in one line and not from a traceback after the first step."""
+    try:
+        process.mkdir(parents=True, exist_ok=True)
+        probe = process / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise InputError(f"cannot write the results to {process} ({exc.strerror or exc}): write them elsewhere "
+                         "with --output-dir DIR (or output_dir = \"DIR\" in params.toml)") from None
+
+
 def run(prepared: Prepared, *, device_choice: Any, overwrite: bool = False, show_progress: bool = True,
         log: Callable[[str], None] = print) -> RunSummary:
     from gpustack.pipeline.manifest import Manifest, fingerprint, versions
@@ -220,6 +233,7 @@ def run(prepared: Prepared, *, device_choice: Any, overwrite: bool = False, show
 
     wf, steps = prepared.workflow, prepared.steps
     process = wf.process_dir
+    _check_writable(process)
     started = time.perf_counter()
     manifest = Manifest.load(process)
     channels = list(prepared.sources)
