@@ -458,3 +458,22 @@ def test_input_and_params_never_written(tmp_path, capsys):
     assert cli(capsys, "validate", str(params))[0] == 0
     assert digest(tmp_path) == before
     assert params.read_bytes() == raw_params
+
+
+def test_folder_of_multi_page_files_says_only_page_0_is_used(tmp_path):
+    """Each file of a slice folder is one slice: extra full-resolution pages are named, not dropped silently;
+    a reduced-resolution page (a thumbnail) is not worth a note."""
+    from gpustack.io.tiff import open_channel
+
+    for i in range(3):
+        with tifffile.TiffWriter(tmp_path / f"s_{i}.tif") as tif:
+            tif.write(np.full((16, 20), i, np.uint16))
+            if i == 1:
+                tif.write(np.full((16, 20), 99, np.uint16))
+            else:
+                tif.write(np.full((8, 10), 7, np.uint16), subfiletype=1)  # a reduced-resolution copy
+    source, notes = open_channel(tmp_path, ".")
+    assert len(source.slices) == 3 and source.shape == (16, 20)
+    assert [n for n in notes if "more than one image" in n] == [
+        f"{tmp_path}: 1 file(s) hold more than one image (s_1.tif); only the first page of each is used as its "
+        "slice (a multi-page stack is read page by page when project_dir or the channel names the file itself)"]

@@ -156,11 +156,13 @@ def _open_tiff(path: Path) -> tifffile.TiffFile:
     return tif
 
 
-def inspect_file(path: Path) -> SliceInfo:
-    """Header of a one-slice TIFF file."""
+def inspect_file(path: Path) -> tuple[SliceInfo, int]:
+    """Header of a one-slice TIFF file (its first page), and how many more full-resolution pages it holds
+    (reduced-resolution ones, such as a thumbnail, are not counted)."""
     stat = path.stat()
     with _open_tiff(path) as tif:
-        return _inspect_page(path, tif.pages[0], 0, path.name, stat.st_size, stat.st_mtime_ns)
+        more = sum(1 for page in tif.pages[1:] if not getattr(page, "is_reduced", False))
+        return _inspect_page(path, tif.pages[0], 0, path.name, stat.st_size, stat.st_mtime_ns), more
 
 
 def inspect_multipage(path: Path) -> list[SliceInfo]:
@@ -191,7 +193,13 @@ def open_channel(project_dir: Path, channel: str, ind_min: int = 0, ind_max: int
             if not files:
                 raise InputError(f"{what}: no .tif or .tiff slices in {root}")
             with ThreadPoolExecutor(max(1, threads)) as pool:  # header reads are IO-bound
-                infos = list(pool.map(inspect_file, files))
+                infos, more = zip(*pool.map(inspect_file, files))
+            stacked = [info.path.name for info, extra in zip(infos, more) if extra]
+            if stacked:  # a folder of stacks, not of slices: say what is used rather than drop pages silently
+                notes.append(f"{root}: {len(stacked)} file(s) hold more than one image ({', '.join(stacked[:3])}"
+                             f"{', ...' if len(stacked) > 3 else ''}); only the first page of each is used as its "
+                             "slice (a multi-page stack is read page by page when project_dir or the channel names "
+                             "the file itself)")
     infos = infos[ind_min:None if ind_max is None else ind_max + 1]
     if not infos:
         raise InputError(f"{what}: no slice left in {root} with ind_min={ind_min}, ind_max={ind_max}")
