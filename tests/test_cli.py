@@ -71,3 +71,21 @@ def test_malloc_tuning_applies_on_glibc_and_leaves_user_settings(monkeypatch):
     out = subprocess.run([sys.executable, "-c", "from gpustack import malloc_tuning; print(malloc_tuning.tune())"],
                          env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True"
+
+
+def test_steps_option_reads_the_previous_steps_output(tmp_path, capsys):
+    """`--steps bkg_removal` after a full run recomputes the background of the cropped slices (PyStack3D's
+    history rule), not of the raw input; before any run it says which step to run first."""
+    import tifffile
+
+    write_stack(tmp_path, n=3, shape=(30, 40))
+    params = write_params(tmp_path, 'process_steps = ["cropping", "bkg_removal"]\n[cropping]\n'
+                                    'area = [0, 20, 0, 10]\n[bkg_removal]\norders = [1, 1]\nskip_factors = [2, 2]\n')
+    assert main(["run", str(params), "--steps", "bkg_removal", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "'cropping' comes before" in err and "run 'cropping' first" in err
+    assert main(["run", str(params), "-q"]) == 0
+    first = tifffile.imread(tmp_path / "process" / "bkg_removal" / "slice_0000.tif")
+    assert main(["run", str(params), "--steps", "bkg_removal", "--overwrite", "-q"]) == 0
+    again = tifffile.imread(tmp_path / "process" / "bkg_removal" / "slice_0000.tif")
+    assert again.shape == (10, 20) and np.array_equal(again, first)

@@ -56,7 +56,8 @@ def prepare(workflow: Workflow) -> Prepared:
     if after:
         base, label, lo, hi = workflow.process_dir / after, f"process/{after}", 0, None
         if not base.is_dir():
-            raise InputError(f"history says {after!r} is done, but its output folder {base} does not exist")
+            raise InputError(f"{after!r} comes before this run's steps (history, or --steps), but its output "
+                             f"folder {base} does not exist: run {after!r} first")
     else:
         base, label, lo, hi = workflow.project_dir, "input", workflow.ind_min, workflow.ind_max
         if not base.exists():
