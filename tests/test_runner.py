@@ -26,7 +26,7 @@ CPU = resolve_device("cpu")
 
 
 def run_params(path: Path, **kwargs):
-    return run(prepare(load_workflow(path)), device_choice=CPU, show_progress=False, log=lambda m: None, **kwargs)
+    return run(prepare(load_workflow(path)), device_choice=CPU, show_progress=False, **{"log": lambda m: None, **kwargs})
 
 
 def tree_digest(folder: Path) -> dict[str, str]:
@@ -155,6 +155,26 @@ def test_resume_skips_unchanged_and_recomputes_from_the_changed_step(tmp_path):
     assert manifest["steps"]["cropping"]["params"] == {"area": [0, 25, 0, 20]}
     assert manifest["runs"][-1]["versions"]["torch"] == torch.__version__
     assert run_params(params, overwrite=True).ran == ["cropping", "cropping_final"]
+
+
+def test_a_slice_missing_from_a_finished_step_recomputes_that_step(tmp_path):
+    """A slice deleted (or moved) from a step folder by hand: the step is no longer done, whichever step reads it."""
+    write_stack(tmp_path, n=5)
+    text = ('process_steps = ["cropping", "cropping_final"]\n[cropping]\narea = [0, 30, 0, 20]\n'
+            '[cropping_final]\narea = [0, 10, 0, 10]\n')
+    params = write_params(tmp_path, text)
+    run_params(params)
+    (tmp_path / "process" / "cropping" / "slice_0003.tif").unlink()
+    write_params(tmp_path, text.replace("[0, 10, 0, 10]", "[0, 12, 0, 10]"))
+    logs: list[str] = []
+    summary = run_params(params, log=logs.append)
+    assert summary.ran == ["cropping", "cropping_final"]
+    assert any("cropping: 1 of its slices are missing" in line and "slice_0003.tif" in line for line in logs)
+    for step in ("cropping", "cropping_final"):
+        assert len(list((tmp_path / "process" / step).glob("*.tif"))) == 5
+    (tmp_path / "process" / "cropping_final" / "slice_0000.tif").unlink()  # the last step: not "up to date"
+    assert run_params(params).ran == ["cropping_final"]
+    assert (tmp_path / "process" / "cropping_final" / "slice_0000.tif").is_file()
 
 
 def test_refuses_to_replace_outputs_it_did_not_write(tmp_path):

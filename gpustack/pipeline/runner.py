@@ -9,6 +9,7 @@ step's `apply` runs once, and the stack is read once per statistics step, not on
 from __future__ import annotations
 
 import csv
+import functools
 import os
 import shutil
 import time
@@ -211,6 +212,19 @@ def _prewarm_plotting() -> None:
     import gpustack.report.plotting  # noqa: F401
 
 
+def _missing_slices(folder: Path, channels: list[str], names: list[str]) -> list[str]:
+    """The slice files (channel/name) a step folder should hold and does not."""
+    missing = []
+    for channel in channels:
+        where = folder if channel == "." else folder / channel
+        try:
+            present = set(os.listdir(where))
+        except OSError:
+            present = set()
+        missing += [name if channel == "." else f"{channel}/{name}" for name in names if name not in present]
+    return missing
+
+
 def _check_writable(process: Path) -> None:
     """Before any slice is read: the results folder can be made and written (read-only raw data, a file where
     the folder should be), so that the user hears it in one line and not from a traceback after the first step."""
@@ -253,10 +267,22 @@ def run(prepared: Prepared, *, device_choice: Any, overwrite: bool = False, show
 
     def written(i: int) -> bool:
         entry = manifest.step(steps[i].name)
-        return bool(entry and entry.get("slices_written")) and (process / steps[i].name).is_dir()
+        return bool(entry and entry.get("slices_written")) and intact(i)
 
-    done = [not overwrite and manifest.is_done(s.name, fp) and (process / s.name).is_dir()
-            for s, fp in zip(steps, fps)]
+    @functools.cache
+    def intact(i: int) -> bool:
+        """The step's folder, and every slice it wrote (a slice deleted or moved by hand means recomputing)."""
+        folder = process / steps[i].name
+        entry = manifest.step(steps[i].name) or {}
+        if not entry.get("slices_written"):
+            return folder.is_dir()
+        missing = _missing_slices(folder, channels, prepared.names[i + 1])
+        if missing:
+            log(f"{steps[i].name}: {len(missing)} of its slices are missing from {folder} (e.g. {missing[0]}): "
+                "recomputed")
+        return not missing
+
+    done = [not overwrite and manifest.is_done(s.name, fp) and intact(i) for i, (s, fp) in enumerate(zip(steps, fps))]
     first_todo = next((i for i, d in enumerate(done) if not d), len(steps))
     if first_todo == len(steps):
         log(f"all {len(steps)} steps are up to date in {process} (--overwrite recomputes them)")
