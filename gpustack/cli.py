@@ -113,10 +113,9 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from gpustack.config import load_workflow
     from gpustack.io.export import export_step
 
-    wf = load_workflow(args.params)
+    wf = _load(args)
     names = list(wf.step_names)
     step = args.step or next((s for s in reversed(names) if s != "registration_calculation"), None)
     if step == "input":
@@ -211,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="check a params.toml against its input without processing")
     p.add_argument("params")
     p.add_argument("--steps", help=argparse.SUPPRESS)
+    p.add_argument("--output-dir", help="where process/ would be written (as for run)")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("init", help="write a commented params.toml into a folder (a template, or from metadata)")
@@ -226,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("params", help="the workflow's params.toml")
     p.add_argument("--step", help="step to export, or 'input' (default: the last step of process_steps)")
     p.add_argument("--out", help="folder for the BigTIFFs (default: process/export)")
+    p.add_argument("--output-dir", help="where the run wrote process/ (its --output-dir; default: as in params.toml)")
     p.add_argument("--pixel-size", type=float, help="um per pixel (default: from Atlas3D.a3d-setup if present)")
     p.add_argument("--z-spacing", type=float, help="um between planes (default: resampling's dz after it)")
     p.add_argument("--compression", choices=["zlib"], help="deflate the pages (default: none, fastest to open)")

@@ -148,3 +148,18 @@ def test_a_multipage_input_exports_without_a_double_extension(tmp_path):
     assert main(["run", str(params), "-q", "--device", "cpu"]) == 0
     assert main(["export", str(params)]) == 0
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "process" / "export" / "cropping_stack.tif"), data)
+
+
+def test_export_and_validate_take_the_runs_output_dir(tmp_path, capsys):
+    data = write_stack(tmp_path / "raw", n=3)
+    params = write_params(tmp_path / "raw", 'process_steps = ["cropping"]\n[cropping]\n')
+    elsewhere = tmp_path / "results"
+    assert main(["run", str(params), "-q", "--output-dir", str(elsewhere)]) == 0
+    capsys.readouterr()
+    assert main(["export", str(params)]) == 2  # not where the run wrote: the message says what to give
+    assert "--output-dir" in capsys.readouterr().err
+    assert main(["validate", str(params), "--output-dir", str(elsewhere)]) == 0
+    assert main(["export", str(params), "--output-dir", str(elsewhere)]) == 0
+    out = elsewhere / "process" / "export" / "cropping.tif"
+    np.testing.assert_array_equal(tifffile.imread(out), data)
+    assert not (tmp_path / "raw" / "process").exists()

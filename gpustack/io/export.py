@@ -113,7 +113,9 @@ def export_step(project_dir: Path, step: str | None, out_dir: Path, channels: li
     if step is not None and not (process_dir / step).is_dir():
         done = sorted(p.name for p in process_dir.iterdir() if p.is_dir() and not p.name.startswith(".")) \
             if process_dir.is_dir() else []
-        raise InputError(f"no output of {step!r} in {process_dir}; steps there: {', '.join(done) or 'none'}")
+        raise InputError(f"no output of {step!r} in {process_dir}; steps there: {', '.join(done) or 'none'}"
+                         + ("" if done else " (if the run wrote elsewhere with --output-dir, give export the same "
+                                            "--output-dir)"))
     base = project_dir if step is None else process_dir / step
     if channels is None:
         channels = find_channels(base, exclude=(process_dir, Path(out_dir)))
