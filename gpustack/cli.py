@@ -76,7 +76,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from gpustack.pipeline.runner import selects_only
 
     # a workflow that only crops needs no device, nor torch (about a second of start-up)
-    choice = (host_choice(workflow.device) if selects_only(prepared) else None) or resolve_device(workflow.device)
+    origin = None if args.device else f"{workflow.params_file}: device = {workflow.device!r}"
+    choice = ((host_choice(workflow.device) if selects_only(prepared) else None)
+              or resolve_device(workflow.device, origin))
     if not args.quiet:
         _describe(prepared)
         _log(f"device: {choice.description} ({choice.reason})")

@@ -151,8 +151,9 @@ def read_toml(path: Path) -> dict[str, Any]:
     if path.is_dir():
         raise ConfigError("is a folder, expected a params.toml file", file=str(path))
     try:
-        with open(path, "rb") as fh:
-            return tomllib.load(fh)
+        text = path.read_bytes()
+        # A byte-order mark (Windows Notepad's UTF-8) is not TOML, but it is no reason to refuse the file
+        return tomllib.loads(text.removeprefix(b"\xef\xbb\xbf").decode("utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"not valid TOML: {exc}", file=str(path)) from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -225,6 +226,8 @@ def workflow_from_dict(data: dict[str, Any], *, file: Path | None = None, base_d
 
     # Which steps run: the command line's, else process_steps, else the tables present in PyStack3D's order.
     order = values.pop("process_steps", None)
+    if order is not None and not order:
+        raise ConfigError("is empty: list the steps to run, e.g. [\"cropping\"]", file=where, key="process_steps")
     if order is None:
         order = tuple(name for name in PYSTACK3D_STEPS if name in tables)
         if not order:

@@ -68,10 +68,12 @@ def _describe_cuda(index: int) -> str:
     return f"cuda:{index} ({props.name}, {props.total_memory / 2**30:.1f} GiB)"
 
 
-def resolve_device(spec: str = "auto") -> DeviceChoice:
+def resolve_device(spec: str = "auto", origin: str | None = None) -> DeviceChoice:
+    """`origin`: where the choice was made, for the messages (default: the --device option)."""
     import torch
 
     spec = (spec or "auto").strip().lower()
+    where = origin or f"--device {spec}"
     if spec == "cpu":
         return DeviceChoice(torch.device("cpu"), f"cpu ({torch.get_num_threads()} threads)", "requested")
     if spec == "auto":
@@ -81,15 +83,15 @@ def resolve_device(spec: str = "auto") -> DeviceChoice:
                             "auto: no usable GPU, " + _cuda_unavailable_reason())
     if spec == "cuda" or spec.startswith("cuda:"):
         if not torch.cuda.is_available():
-            raise DeviceError(f"--device {spec}: {_cuda_unavailable_reason()}. Use --device cpu or auto to run "
+            raise DeviceError(f"{where}: {_cuda_unavailable_reason()}. Use --device cpu or auto to run "
                               "on the CPU.")
         index = int(spec.split(":", 1)[1]) if ":" in spec else 0
         count = torch.cuda.device_count()
         if index >= count:
-            raise DeviceError(f"--device {spec}: there {'is' if count == 1 else 'are'} only {count} CUDA "
+            raise DeviceError(f"{where}: there {'is' if count == 1 else 'are'} only {count} CUDA "
                               f"device{'s' if count != 1 else ''} (cuda:0 to cuda:{count - 1})")
         return DeviceChoice(torch.device("cuda", index), _describe_cuda(index), "requested")
-    raise DeviceError(f"--device {spec!r}: expected auto, cpu, cuda or cuda:N")
+    raise DeviceError(f"{where}: expected auto, cpu, cuda or cuda:N")
 
 
 def available_memory(device: torch.device) -> int:

@@ -477,3 +477,33 @@ def test_folder_of_multi_page_files_says_only_page_0_is_used(tmp_path):
     assert [n for n in notes if "more than one image" in n] == [
         f"{tmp_path}: 1 file(s) hold more than one image (s_1.tif); only the first page of each is used as its "
         "slice (a multi-page stack is read page by page when project_dir or the channel names the file itself)"]
+
+
+def test_empty_process_steps_is_a_mistake(tmp_path, capsys):
+    write_stack(tmp_path)
+    params = write_params(tmp_path, "process_steps = []\n")
+    code, _, err = cli(capsys, "run", str(params), "-q")
+    assert code == 2
+    error_line(err, str(params), "process_steps", "empty")
+
+
+def test_params_with_a_byte_order_mark_are_read(tmp_path, capsys):
+    """Windows Notepad saves UTF-8 with a BOM: not TOML, but plainly what the user meant."""
+    write_stack(tmp_path)
+    params = tmp_path / "params.toml"
+    params.write_bytes(b"\xef\xbb\xbf" + CROP.encode())
+    code, _, err = cli(capsys, "run", str(params), "-q")
+    assert code == 0, err
+    assert len(list((tmp_path / "process" / "cropping").glob("*.tif"))) == N_SLICES
+    assert params.read_bytes().startswith(b"\xef\xbb\xbf")  # never rewritten
+
+
+@pytest.mark.skipif(cuda_available(), reason="a CUDA device is available here, so device = cuda is valid")
+def test_device_cuda_in_params_without_gpu_names_the_file(tmp_path, capsys):
+    write_stack(tmp_path)
+    params = write_params(tmp_path, 'device = "cuda"\nprocess_steps = ["bkg_removal"]\n[bkg_removal]\n'
+                                    'orders = [1, 1]\nskip_factors = [2, 2]\n')
+    code, _, err = cli(capsys, "run", str(params), "-q")
+    assert code == 2
+    line = error_line(err, str(params), "device = 'cuda'", "--device cpu")
+    assert "--device cuda" not in line
