@@ -163,3 +163,13 @@ def test_export_and_validate_take_the_runs_output_dir(tmp_path, capsys):
     out = elsewhere / "process" / "export" / "cropping.tif"
     np.testing.assert_array_equal(tifffile.imread(out), data)
     assert not (tmp_path / "raw" / "process").exists()
+
+
+def test_exporting_a_step_without_slices_says_so(tmp_path, capsys):
+    write_stack(tmp_path, n=3)
+    params = write_params(tmp_path, 'process_steps = ["registration_calculation"]\n')
+    assert main(["run", str(params), "-q", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert main(["export", str(params), "--step", "registration_calculation"]) == 2
+    err = capsys.readouterr().err
+    assert "'registration_calculation' writes no slices" in err and "Traceback" not in err

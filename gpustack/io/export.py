@@ -117,6 +117,12 @@ def export_step(project_dir: Path, step: str | None, out_dir: Path, channels: li
                          + ("" if done else " (if the run wrote elsewhere with --output-dir, give export the same "
                                             "--output-dir)"))
     base = project_dir if step is None else process_dir / step
+    if step is not None:
+        from gpustack.steps import REGISTRY
+
+        if step in REGISTRY and not REGISTRY[step].writes_slices:
+            raise InputError(f"{step!r} writes no slices (its results are in {base}): export a step that does, "
+                             "e.g. the one after it")
     if channels is None:
         channels = find_channels(base, exclude=(process_dir, Path(out_dir)))
     written = []
