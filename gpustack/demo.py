@@ -44,7 +44,10 @@ def run_demo(folder: Path, *, device: str = "auto", slices: int = 60, size: int 
         channels=list(CHANNELS), process_steps=steps,
         # Registration: the demo's structures are tilted, so a chain of pairwise matches drifts slowly (as
         # PyStack3D's does); removing the running average keeps the jumps' correction and drops that drift.
+        # The 3D background's z terms need a few sampled slice groups: PyStack3D's skip of 10 slices leaves too
+        # few in a short demo stack.
         steps={"cropping": {"area": list(area)}, "cropping_final": {"area": list(final)},
+               "bkg_removal": {"skip_factors": [10, 10, max(1, min(10, slices // 5))]},
                "registration_transformation": {"mode": "edge", "box_size_averaging": 15}},
         header=f"gpustack demo: synthetic stack, ground truth in {folder / 'truth.json'}"))
     say(f"wrote {params}")
