@@ -517,7 +517,7 @@ def test_area_outside_the_image_is_a_config_error(tmp_path, capsys):
 
 @pytest.mark.parametrize("table, body, key, text", [
     ("intensity_rescaling", "nbins = 0", "nbins", "out of range"),
-    ("intensity_rescaling", "nbins = 1", "nbins", "out of range"),
+    ("intensity_rescaling", "nbins = 2", "nbins", "use 3 or more"),
     ("intensity_rescaling", "filter_size = 0", "filter_size", "0 slices"),
     ("intensity_rescaling", "filter_size = -2", "filter_size", "out of range"),
     ("intensity_rescaling", 'mapping = "quantile"', "mapping", "'linear'"),

@@ -43,7 +43,7 @@ DEGENERATE_SPREAD = 0.01
 
 @dataclass(frozen=True)
 class IntensityRescalingConfig:
-    nbins: int = param(256, integer(2), "histogram bins of the reference distributions (over the stack's range)")
+    nbins: int = param(256, integer(1), "histogram bins of the reference distributions (over the stack's range)")
     filter_size: int = param(-1, integer(-1), "reference of each slice: -1 all slices, n > 0 the n slices "
                                               "around it")
     mapping: str = param("linear", choice("linear", "histogram"),
@@ -62,6 +62,13 @@ class IntensityRescalingConfig:
     def __post_init__(self) -> None:
         if self.filter_size == 0:
             raise Invalid("filter_size", "0 slices is no reference: use -1 (all slices) or a window of n > 0 slices")
+        if self.mapping == "linear":  # its gain and offset: a line through the bins' inner quantiles
+            lo, hi = LINEAR_QUANTILES
+            inner = sum(1 for k in range(self.nbins + 1) if lo <= k / self.nbins <= hi)
+            if inner < 2:
+                raise Invalid("nbins", f"{self.nbins} bin(s) leave {inner} quantile(s) between {lo:.0%} and {hi:.0%} "
+                                       "for the linear mapping's gain and offset: use 3 or more, or mapping = "
+                                       '"histogram"')
         if self.correct == "jumps" and (self.mapping != "linear" or self.filter_size != -1):
             raise Invalid("correct", 'correct = "jumps" measures gains against the whole stack with the linear '
                                      'mapping: it needs mapping = "linear" and filter_size = -1')
