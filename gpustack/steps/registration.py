@@ -141,7 +141,9 @@ class RegistrationCalculation(Step):
 
         x = self._prepare(batch.data)
         first = batch.core.start
-        pairs = [(r, r - d) for r in range(first, batch.core.stop) for d in range(1, self.fit_halo[0] + 1)
+        # distance by distance: runs of neighbouring pairs, which the CPU's Newton stage reads as views, in cache
+        # (interleaved, every far pair was a copy of its own: 3.3x the fine stage's time with 3 references)
+        pairs = [(r, r - d) for d in range(1, self.fit_halo[0] + 1) for r in range(first, batch.core.stop)
                  if batch.start + r - d >= 0 and r - d >= 0]
         if not pairs:
             return {"k": [], "d": [], "mats": None, "quality": None, "blocks": x.shape[1], "n_total": batch.n_total,
@@ -211,6 +213,7 @@ class RegistrationCalculation(Step):
         first = ds_a == 1
         pair_quality[ks_a[first]] = quality[first]
         table = np.column_stack([ks_a, ks_a - ds_a, quality.min(axis=1), mats[:, 0, 0, 2], mats[:, 0, 1, 2]])
+        table = table[np.lexsort((ds_a, ks_a))]  # slice by slice, nearest reference first
         return {"tmats": tmats, "quality": pair_quality, "pairs": table, **geometry}
 
     def _geometry(self, shape: tuple[int, int]) -> dict[str, Any]:
