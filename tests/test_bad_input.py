@@ -507,3 +507,24 @@ def test_device_cuda_in_params_without_gpu_names_the_file(tmp_path, capsys):
     assert code == 2
     line = error_line(err, str(params), "device = 'cuda'", "--device cpu")
     assert "--device cuda" not in line
+
+
+@pytest.mark.parametrize("steps", ['process_steps = ["cropping"]\n[cropping]\narea = [0, 8, 0, 8]\n',
+                                   'process_steps = ["bkg_removal"]\n[bkg_removal]\ndim = 2\norders = [1, 1]\n'
+                                   'skip_factors = [2, 2]\n'], ids=["host", "device-pass"])
+def test_many_compressed_slices_under_a_low_open_file_limit(tmp_path, steps):
+    """Each compressed slice is opened, decoded and closed: a folder of more slices than the process may hold
+    open files (ulimit -n, often 1024) ran out of them before (Errno 24, 'Too many open files')."""
+    resource = pytest.importorskip("resource")
+    for i in range(300):
+        tifffile.imwrite(tmp_path / f"s_{i:04d}.tif", np.full((16, 16), i, np.uint16), compression="zlib")
+    params = write_params(tmp_path, steps)
+
+    def limit_files() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
+
+    proc = subprocess.run([console_script(), "run", str(params), "-q"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120, preexec_fn=limit_files)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    step = steps.split('"')[1]
+    assert len(list((tmp_path / "process" / step).glob("*.tif"))) == 300

@@ -214,7 +214,7 @@ def open_channel(project_dir: Path, channel: str, ind_min: int = 0, ind_max: int
     return StackSource(channel, root, tuple(infos), first.shape, first.dtype), notes
 
 
-_handles = threading.local()  # per reader thread: open multi-page files, so page k is not found by re-walking IFDs
+_handles = threading.local()  # per reader thread: open multi-page stacks, so page k is not found by re-walking IFDs
 
 
 def _cached_tiff(path: Path) -> tifffile.TiffFile:
@@ -222,6 +222,13 @@ def _cached_tiff(path: Path) -> tifffile.TiffFile:
     if path not in cache:
         cache[path] = _open_tiff(path)
     return cache[path]
+
+
+def _decode(page: tifffile.TiffPage, out: np.ndarray, rows: slice | None) -> None:
+    if rows is None:
+        page.asarray(out=out)
+    else:
+        out[...] = page.asarray()[rows]
 
 
 def read_slice(info: SliceInfo, out: np.ndarray, rows: slice | None = None) -> None:
@@ -239,10 +246,12 @@ def read_slice(info: SliceInfo, out: np.ndarray, rows: slice | None = None) -> N
                     raise InputError(f"{info.path}: the file is truncated (it changed since it was inspected)")
             if info.byteswap:
                 out.byteswap(inplace=True)
-        elif rows is None:
-            _cached_tiff(info.path).pages[info.page].asarray(out=out)
+        elif info.page == 0:  # a file of its own (or a stack's first page): opened and closed at once, or a
+            # folder of a few thousand compressed slices would hold as many files open (ulimit: often 1024)
+            with _open_tiff(info.path) as tif:
+                _decode(tif.pages[0], out, rows)
         else:
-            out[...] = _cached_tiff(info.path).pages[info.page].asarray()[rows]
+            _decode(_cached_tiff(info.path).pages[info.page], out, rows)
     except InputError:
         raise
     except KeyError as exc:  # tifffile's way of saying a codec is missing
