@@ -118,7 +118,8 @@ def test_cli_exports_the_last_step_with_resampling_spacing(tmp_path, capsys):
     with tifffile.TiffFile(out) as tif:
         assert len(tif.pages) == 5 and tif.imagej_metadata["spacing"] == 0.01
     assert main(["export", str(params), "--step", "input", "--out", str(tmp_path / "raw")]) == 0
-    assert len(tifffile.TiffFile(tmp_path / "raw" / "input.tif").pages) == 3
+    with tifffile.TiffFile(tmp_path / "raw" / "input.tif") as tif:
+        assert len(tif.pages) == 3
     capsys.readouterr()
     assert main(["export", str(params), "--step", "nope"]) == 2
     assert "--step" in capsys.readouterr().err

@@ -45,8 +45,8 @@ def test_uniform_grid_keeps_the_last_plane_and_interpolates_linearly(tmp_path):
     np.testing.assert_allclose(np.load(out_dir / "outputs" / "zpos_out.npy"), 0.01 * np.arange(8), atol=1e-12)
     for name in ("zpos_in.npy", "z_positions.png", "z_increments.png", "log.txt", "stats.csv"):
         assert (out_dir / "outputs" / name).exists()
-    tags = tifffile.TiffFile(files[3]).pages[0].tags
-    assert "0.0400" in tags[51023].value  # the tags of the slice above the plane (PyStack3D's choice)
+    with tifffile.TiffFile(files[3]) as tif:
+        assert "0.0400" in tif.pages[0].tags[51023].value  # the tags of the slice above the plane (PyStack3D's)
 
 
 def test_zpos_out_as_a_toml_list(tmp_path):
