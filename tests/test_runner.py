@@ -177,6 +177,22 @@ def test_a_slice_missing_from_a_finished_step_recomputes_that_step(tmp_path):
     assert (tmp_path / "process" / "cropping_final" / "slice_0000.tif").is_file()
 
 
+def test_channels_with_their_own_file_names_resume_and_recompute(tmp_path):
+    """Each channel's folder holds that channel's own names (SE2_0000.tif, ESB_0000.tif)."""
+    for channel in ("SE2", "ESB"):
+        write_stack(tmp_path / channel, n=4, prefix=f"{channel}_")
+    text = ('channels = ["SE2", "ESB"]\nprocess_steps = ["cropping", "cropping_final"]\n[cropping]\n'
+            'area = [0, 30, 0, 20]\n[cropping_final]\narea = [0, 10, 0, 10]\n')
+    params = write_params(tmp_path, text)
+    assert run_params(params).ran == ["cropping", "cropping_final"]
+    assert run_params(params).ran == []  # nothing missing: every channel under its own names
+    (tmp_path / "process" / "cropping" / "ESB" / "ESB_0002.tif").unlink()
+    logs: list[str] = []
+    assert run_params(params, log=logs.append).ran == ["cropping", "cropping_final"]
+    assert any("missing" in line and "ESB/ESB_0002.tif" in line for line in logs)
+    assert (tmp_path / "process" / "cropping" / "ESB" / "ESB_0002.tif").is_file()
+
+
 def test_refuses_to_replace_outputs_it_did_not_write(tmp_path):
     write_stack(tmp_path, n=3)
     params = write_params(tmp_path, 'process_steps = ["cropping"]\n[cropping]\n')

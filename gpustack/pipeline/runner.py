@@ -212,16 +212,26 @@ def _prewarm_plotting() -> None:
     import gpustack.report.plotting  # noqa: F401
 
 
-def _missing_slices(folder: Path, channels: list[str], names: list[str]) -> list[str]:
-    """The slice files (channel/name) a step folder should hold and does not."""
+def _output_names(prepared: Prepared, channel: str, i: int) -> list[str]:
+    """The files step i writes for `channel`: the channel's own slice names, or those of the last step before
+    it that renames the slices (resampling's plan, the same for every channel)."""
+    renamed = [j for j in prepared.plans if j <= i]
+    if renamed:
+        return list(prepared.plans[max(renamed)].names)
+    return [s.name for s in prepared.sources[channel].slices]
+
+
+def _missing_slices(prepared: Prepared, folder: Path, i: int) -> list[str]:
+    """The slice files (channel/name) the folder of step i should hold and does not."""
     missing = []
-    for channel in channels:
+    for channel in prepared.sources:
         where = folder if channel == "." else folder / channel
         try:
             present = set(os.listdir(where))
         except OSError:
             present = set()
-        missing += [name if channel == "." else f"{channel}/{name}" for name in names if name not in present]
+        missing += [name if channel == "." else f"{channel}/{name}" for name in _output_names(prepared, channel, i)
+                    if name not in present]
     return missing
 
 
@@ -276,7 +286,7 @@ def run(prepared: Prepared, *, device_choice: Any, overwrite: bool = False, show
         entry = manifest.step(steps[i].name) or {}
         if not entry.get("slices_written"):
             return folder.is_dir()
-        missing = _missing_slices(folder, channels, prepared.names[i + 1])
+        missing = _missing_slices(prepared, folder, i)
         if missing:
             log(f"{steps[i].name}: {len(missing)} of its slices are missing from {folder} (e.g. {missing[0]}): "
                 "recomputed")
