@@ -246,10 +246,11 @@ def workflow_from_dict(data: dict[str, Any], *, file: Path | None = None, base_d
         if positions != list(range(positions[0], positions[0] + len(positions))):
             raise ConfigError(f"{list(chosen)} must be consecutive steps of process_steps {list(order)}",
                               key="--steps")
-        before, order = tuple(order[:positions[0]]), tuple(order[positions[0]:positions[-1] + 1])
-        # The steps before the chosen ones are done: the first chosen step reads the last one's folder, as
-        # after PyStack3D's history (not the raw input, which would silently break the chain of process/)
-        history = tuple(s for s in history if s not in order and s not in before) + before
+        before, chosen_order = tuple(order[:positions[0]]), tuple(order[positions[0]:positions[-1] + 1])
+        # The steps before the chosen ones are done, and none after them: the first chosen step reads the last
+        # one's folder, as after PyStack3D's history (not the raw input, which would break the chain of process/)
+        history = tuple(s for s in history if s not in order) + before
+        order = chosen_order
     # PyStack3D's `history`: steps already done (by PyStack3D or by hand); the run starts after them.
     run = [name for name in order if name not in history]
 

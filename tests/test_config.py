@@ -110,6 +110,11 @@ def test_mistakes_name_file_table_and_key(tmp_path, data, table, key, text):
 def test_steps_option_selects_consecutive_steps():
     data = {"process_steps": ["cropping", "cropping_final"], "cropping": {}, "cropping_final": {}}
     assert workflow_from_dict(data, steps=["cropping_final"]).step_names == ("cropping_final",)
+    # the steps before the chosen ones are done (their folder is read), those after them are not
+    wf = workflow_from_dict({**data, "history": ["cropping", "cropping_final"]}, steps=["cropping_final"])
+    assert wf.step_names == ("cropping_final",) and wf.history == ("cropping",)
+    wf = workflow_from_dict({**data, "history": ["cropping", "cropping_final"]}, steps=["cropping"])
+    assert wf.step_names == ("cropping",) and wf.history == ()
     with pytest.raises(ConfigError, match="not in process_steps"):
         workflow_from_dict({"process_steps": ["cropping"], "cropping": {}}, steps=["cropping_final"])
 

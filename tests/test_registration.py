@@ -439,3 +439,27 @@ def test_the_pystackreg_pool_ends_with_the_run(tmp_path):
     proc = run_script("run", str(params), "-q", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "data" / "process" / "registration_calculation" / "tmats.npy").is_file()
+
+
+def test_a_new_calculation_makes_a_transformation_run_alone_stale(tmp_path, drifting):
+    """--steps registration_transformation loads the saved tmats.npy: once a later run of the calculation
+    rewrites it, the transformation is no longer up to date (it was, its own parameters being unchanged)."""
+    from gpustack.cli import main
+
+    text = _params(drifting, '["cropping", "registration_calculation", "registration_transformation"]',
+                   "references = 1", 'mode = "edge"')
+    params = write_params(tmp_path, f'output_dir = "{tmp_path}"\n' + text)
+    manifest = tmp_path / "process" / "gpustack.json"
+
+    def ran(*steps: str) -> list[str]:
+        before = len(json.loads(manifest.read_text())["runs"])
+        assert main(["run", str(params), "-q", "--device", "cpu", "--steps", ",".join(steps)]) == 0
+        runs = json.loads(manifest.read_text())["runs"]
+        return runs[-1]["steps"] if len(runs) > before else []  # a run with nothing to do is not recorded
+
+    assert main(["run", str(params), "-q", "--device", "cpu"]) == 0
+    assert ran("registration_transformation") == ["registration_transformation"]  # its input: process/cropping
+    assert ran("registration_transformation") == []  # up to date
+    write_params(tmp_path, f'output_dir = "{tmp_path}"\n' + text.replace("references = 1", "references = 2"))
+    assert ran("registration_calculation") == ["registration_calculation"]
+    assert ran("registration_transformation") == ["registration_transformation"]

@@ -212,6 +212,17 @@ def _prewarm_plotting() -> None:
     import gpustack.report.plotting  # noqa: F401
 
 
+def _saved_dependency(process: Path, step: Step, earlier: list[str]) -> list | None:
+    """What identifies the saved result a step loads from an earlier run (registration_transformation's
+    tmats.npy when registration_calculation is not in this run): a new calculation then makes the step stale."""
+    dep = step.depends_on
+    if not dep or dep in earlier:
+        return None
+    folder = process / dep
+    return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.glob("*.npy")) \
+        if folder.is_dir() else None
+
+
 def _output_names(prepared: Prepared, channel: str, i: int) -> list[str]:
     """The files step i writes for `channel`: the channel's own slice names, or those of the last step before
     it that renames the slices (resampling's plan, the same for every channel)."""
@@ -265,8 +276,10 @@ def run(prepared: Prepared, *, device_choice: Any, overwrite: bool = False, show
     source_fp = fingerprint(prepared.input_label, {c: s.fingerprint() for c, s in prepared.sources.items()},
                             wf.ind_min, wf.ind_max)
     fps, prev = [], source_fp
-    for step in steps:
-        prev = fingerprint(prev, step.name, step.version, to_jsonable(step.config), wf.output_dtype)
+    for j, step in enumerate(steps):
+        saved = _saved_dependency(process, step, [s.name for s in steps[:j]])
+        prev = fingerprint(prev, step.name, step.version, to_jsonable(step.config), wf.output_dtype,
+                           *([saved] if saved is not None else []))  # other steps: fingerprints as before
         fps.append(prev)
 
     for step in steps:  # never clobber results gpustack did not write (PyStack3D's, or another project's)
