@@ -89,3 +89,14 @@ def test_steps_option_reads_the_previous_steps_output(tmp_path, capsys):
     assert main(["run", str(params), "--steps", "bkg_removal", "--overwrite", "-q"]) == 0
     again = tifffile.imread(tmp_path / "process" / "bkg_removal" / "slice_0000.tif")
     assert again.shape == (10, 20) and np.array_equal(again, first)
+
+
+def test_steps_after_a_step_whose_slices_were_not_kept(tmp_path, capsys):
+    write_stack(tmp_path, n=3, shape=(30, 40))
+    params = write_params(tmp_path, 'save_intermediate = false\nprocess_steps = ["cropping", "cropping_final"]\n'
+                                    '[cropping]\narea = [0, 20, 0, 10]\n[cropping_final]\narea = [0, 10, 0, 10]\n')
+    assert main(["run", str(params), "-q"]) == 0
+    capsys.readouterr()
+    assert main(["run", str(params), "--steps", "cropping_final", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "'cropping'" in err and "save_intermediate = false" in err and "Traceback" not in err

@@ -14,6 +14,7 @@ import re
 import struct
 import sys
 import threading
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -257,13 +258,18 @@ def read_slice(info: SliceInfo, out: np.ndarray, rows: slice | None = None) -> N
     except KeyError as exc:  # tifffile's way of saying a codec is missing
         raise InputError(f"{info.path}: {exc.args[0] if exc.args else exc}; install it with "
                          "`pip install imagecodecs`") from None
-    except (OSError, ValueError, RuntimeError, struct.error) as exc:
-        raise InputError(f"{info.path}: cannot read the slice ({exc})") from None
-    except MemoryError:
+    except Exception as exc:
+        if info.compression != 1 and _is_codec_error(exc):
+            raise InputError(f"{info.path}: cannot decode the slice, its compressed data are damaged "
+                             f"({_error_name(exc)}: {exc}); copy it again from the source") from None
+        if isinstance(exc, (OSError, ValueError, RuntimeError, struct.error)):
+            raise InputError(f"{info.path}: cannot read the slice ({exc})") from None
         raise
-    except Exception as exc:  # a codec's own error (zlib.error, imagecodecs' *Error): damaged compressed data
-        raise InputError(f"{info.path}: cannot decode the slice, its compressed data are damaged "
-                         f"({_error_name(exc)}: {exc}); copy it again from the source") from None
+
+
+def _is_codec_error(exc: Exception) -> bool:
+    """zlib's own error (tifffile's fallback codec) or one of imagecodecs' (ZlibError, LzwError...)."""
+    return isinstance(exc, zlib.error) or type(exc).__module__.split(".")[0] in ("imagecodecs", "_imagecodecs")
 
 
 def _error_name(exc: Exception) -> str:

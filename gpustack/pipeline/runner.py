@@ -59,6 +59,13 @@ def prepare(workflow: Workflow) -> Prepared:
         if not base.is_dir():
             raise InputError(f"{after!r} comes before this run's steps (history, or --steps), but its output "
                              f"folder {base} does not exist: run {after!r} first")
+        from gpustack.pipeline.manifest import Manifest
+
+        entry = Manifest.load(workflow.process_dir).step(after)
+        if entry is not None and entry.get("slices_written") is False:
+            raise InputError(f"{after!r} comes before this run's steps (history, or --steps), but its slices were "
+                             f"not kept (save_intermediate = false): run {after!r} and the steps after it "
+                             "together")
     else:
         base, label, lo, hi = workflow.project_dir, "input", workflow.ind_min, workflow.ind_max
         if not base.exists():
