@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-record", action="store_true", help="print only; leave RESULTS.md and the figure")
     parser.add_argument("--references", type=int, default=None,
                         help="gpustack only: [registration_calculation] references = N (slices each one is "
-                             "registered to; default 1); implies --no-record")
+                             "registered to; default: gpustack's, 3); implies --no-record")
     args = parser.parse_args(argv)
     if args.references is not None:
         args.no_record = True  # RESULTS.md holds runs of the same params.toml for both tools

@@ -159,7 +159,12 @@ def test_export_and_validate_take_the_runs_output_dir(tmp_path, capsys):
     capsys.readouterr()
     assert main(["export", str(params)]) == 2  # not where the run wrote: the message says what to give
     assert "--output-dir" in capsys.readouterr().err
-    assert main(["validate", str(params), "--output-dir", str(elsewhere)]) == 0
+    # validate reads process/cropping for a later step: found only where the run wrote it
+    two = write_params(tmp_path / "raw", 'process_steps = ["cropping", "cropping_final"]\n[cropping]\n'
+                                         '[cropping_final]\n')
+    assert main(["validate", str(two), "--steps", "cropping_final"]) == 2
+    assert main(["validate", str(two), "--steps", "cropping_final", "--output-dir", str(elsewhere)]) == 0
+    write_params(tmp_path / "raw", 'process_steps = ["cropping"]\n[cropping]\n')
     assert main(["export", str(params), "--output-dir", str(elsewhere)]) == 0
     out = elsewhere / "process" / "export" / "cropping.tif"
     np.testing.assert_array_equal(tifffile.imread(out), data)

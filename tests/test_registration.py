@@ -463,3 +463,25 @@ def test_a_new_calculation_makes_a_transformation_run_alone_stale(tmp_path, drif
     write_params(tmp_path, f'output_dir = "{tmp_path}"\n' + text.replace("references = 1", "references = 2"))
     assert ran("registration_calculation") == ["registration_calculation"]
     assert ran("registration_transformation") == ["registration_transformation"]
+
+
+def test_references_zero_means_three_with_tiles_and_one_otherwise(drifting):
+    from gpustack.schema import build
+    from gpustack.steps.registration import RegistrationCalculation, RegistrationCalculationConfig
+
+    def referenced(**table) -> int:
+        config = build(RegistrationCalculationConfig, table, file=None, name="registration_calculation")
+        assert config.slices_referenced == RegistrationCalculation(config).fit_halo[0]
+        return config.slices_referenced
+
+    assert referenced() == 3
+    assert referenced(estimator="correlation") == 1
+    assert referenced(engine="pystackreg") == 1
+    assert referenced(transformation="RIGID_BODY") == 1
+    assert referenced(references=2, estimator="correlation") == 2
+    import gpustack
+
+    stack = np.stack([drifting.crop(tifffile.imread(f).astype(np.float32)) for f in drifting.files()[:12]])
+    np.testing.assert_array_equal(gpustack.register_stack(stack), gpustack.register_stack(stack, references=3))
+    np.testing.assert_array_equal(gpustack.register_stack(stack, estimator="correlation"),
+                                  gpustack.register_stack(stack, estimator="correlation", references=1))

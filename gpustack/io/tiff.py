@@ -195,7 +195,8 @@ def open_channel(project_dir: Path, channel: str, ind_min: int = 0, ind_max: int
                 raise InputError(f"{what}: no .tif or .tiff slices in {root}")
             with ThreadPoolExecutor(max(1, threads)) as pool:  # header reads are IO-bound
                 infos, more = zip(*pool.map(inspect_file, files))
-            stacked = [info.path.name for info, extra in zip(infos, more) if extra]
+            kept = slice(ind_min, None if ind_max is None else ind_max + 1)
+            stacked = [info.path.name for info, extra in zip(infos[kept], more[kept]) if extra]
             if stacked:  # a folder of stacks, not of slices: say what is used rather than drop pages silently
                 notes.append(f"{root}: {len(stacked)} file(s) hold more than one image ({', '.join(stacked[:3])}"
                              f"{', ...' if len(stacked) > 3 else ''}); only the first page of each is used as its "

@@ -276,7 +276,6 @@ def run(prepared: Prepared, *, device_choice: Any, overwrite: bool = False, show
 
     wf, steps = prepared.workflow, prepared.steps
     process = wf.process_dir
-    _check_writable(process)
     started = time.perf_counter()
     manifest = Manifest.load(process)
     channels = list(prepared.sources)
@@ -317,6 +316,7 @@ def run(prepared: Prepared, *, device_choice: Any, overwrite: bool = False, show
     if first_todo == len(steps):
         log(f"all {len(steps)} steps are up to date in {process} (--overwrite recomputes them)")
         return RunSummary([], [s.name for s in steps], 0.0, 0, len(channels), device_choice.description, process)
+    _check_writable(process)  # work to do: before any slice is read (an up-to-date project may be read-only)
     # Start at the first stale step if the output it reads was written; otherwise recompute from further back.
     start = first_todo
     while True:

@@ -95,7 +95,9 @@ def write_calculation_report(step: "RegistrationCalculation", report: "Report") 
            f"area: {list(step.config.area) if step.config.area else 'whole image'}"]
     if low and not step.config.uses_pystackreg:
         message = (f"{len(low)} slice(s) could not be matched to the slice before them (featureless, or an empty "
-                   f"threshold); they keep their neighbour's position: {', '.join(low[:5])}"
+                   f"threshold); " + ("they keep their neighbour's position" if step.fit_halo[0] == 1 else
+                                      "their positions come from the slices further back, or lie between their "
+                                      "neighbours'") + f": {', '.join(low[:5])}"
                    f"{', ...' if len(low) > 5 else ''}")
         log.append(message)
         report.warn(message)
