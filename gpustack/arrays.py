@@ -27,17 +27,18 @@ def to_torch(x: Any, device: str | torch.device | None = None) -> tuple[torch.Te
         from gpustack.device import resolve_device
 
         device = resolve_device("auto").device
+    # Kernels take C-contiguous stacks (a transposed or strided view is copied once here, as NumPy's below)
     if isinstance(x, torch.Tensor):
         home = x.device
-        return (x if device is None else x.to(device)), (lambda t: t.to(home))
+        return (x if device is None else x.to(device)).contiguous(), (lambda t: t.to(home))
     if _is_cupy(x):
         import cupy
 
         t = torch.from_dlpack(x)
-        return (t if device is None else t.to(device)), (lambda r: cupy.from_dlpack(r.contiguous()))
+        return (t if device is None else t.to(device)).contiguous(), (lambda r: cupy.from_dlpack(r.contiguous()))
     if not isinstance(x, np.ndarray) and hasattr(x, "__dlpack__"):
         t = torch.from_dlpack(x)
-        return (t if device is None else t.to(device)), (lambda r: r)
+        return (t if device is None else t.to(device)).contiguous(), (lambda r: r)
     arr = np.ascontiguousarray(x)
     if not arr.dtype.isnative:  # torch only takes native byte order
         arr = arr.astype(arr.dtype.newbyteorder("="))

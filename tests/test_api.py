@@ -39,3 +39,20 @@ def test_cupy_in_cupy_out():
 def test_wrong_shape_is_a_clear_error():
     with pytest.raises(ValueError, match=r"\(H, W\) or a stack"):
         gpustack.crop(np.zeros(5), [0, 1, 0, 1])
+
+
+def test_strided_views_give_what_their_copies_give(device):
+    """A transposed torch stack or a strided NumPy one (a user's view) is taken as its contiguous copy; the
+    histogram kernel used to fail on the former ('view size is not compatible')."""
+    rng = np.random.default_rng(0)
+    base = rng.normal(1000, 100, (12, 40, 32)).astype(np.float32)
+    base[5] *= 0.6  # a contrast drop for the rescaling to correct
+    view = torch.from_numpy(base).to(device).transpose(1, 2)
+    assert not view.is_contiguous()
+    copy = view.contiguous()
+    for call in (gpustack.slice_statistics, lambda s: gpustack.rescale_intensity(s),
+                 lambda s: gpustack.remove_background(s, orders=(1, 1), skip_factors=(2, 2))[0]):
+        torch.testing.assert_close(call(view), call(copy), rtol=0, atol=0)
+    strided = base[:, ::2, ::2]
+    np.testing.assert_array_equal(gpustack.rescale_intensity(strided),
+                                  gpustack.rescale_intensity(np.ascontiguousarray(strided)))

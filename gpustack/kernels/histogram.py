@@ -41,7 +41,7 @@ def slice_cdfs(x: torch.Tensor, bins: int = FINE_BINS) -> dict[str, torch.Tensor
     del t
     if finite is not None:
         idx = torch.where(finite, idx, b * (bins + 1))
-    hist = torch.bincount(idx.view(-1), minlength=b * (bins + 1) + 1)[: b * (bins + 1)].view(b, bins + 1)
+    hist = torch.bincount(idx.reshape(-1), minlength=b * (bins + 1) + 1)[: b * (bins + 1)].view(b, bins + 1)
     hist = torch.cat([hist[:, : bins - 1], hist[:, bins - 1:].sum(dim=1, keepdim=True)], dim=1)
     cum = torch.cumsum(hist.to(torch.float64), dim=1) / count.clamp_min(1)[:, None]
     cdf = torch.cat([torch.zeros_like(cum[:, :1]), cum], dim=1)
