@@ -353,18 +353,28 @@ def _solve_translations(ks: np.ndarray, ds: np.ndarray, mats: np.ndarray, qualit
     k_all = np.concatenate([ks, np.arange(1, n)])
     j_all = np.concatenate([ks - ds, np.arange(n - 1)])
     dist = np.concatenate([ds, np.ones(n - 1, int)])
+    measured = np.arange(len(k_all)) < len(ks)
     for b in range(blocks):
         m_all = np.concatenate([mats[:, b, :2, 2], np.zeros((n - 1, 2))])
         weight = np.where(quality[:, b] >= LOW_QUALITY, quality[:, b] ** 2, 0.0)
         base = np.concatenate([weight, np.full(n - 1, tie * max(weight.max(initial=0.0), 1e-12))])
         far = (base > 0) & (dist > 1)
-        w = np.where(far, 0.0, base)  # the chain first: a false peak far away cannot pull the start
+        # Far pairs across a broken link of the chain (a blank slice) are all that places the slices after it:
+        # they join the start, and the gate below, which measures far pairs against the chain, spares them.
+        linked = np.zeros(n, bool)
+        linked[k_all[measured & (dist == 1) & (base > 0)]] = True
+        broken = np.cumsum(~linked[1:])  # broken[i - 1]: broken links among 1..i
+        broken = np.concatenate([[0], broken])
+        bridging = far & (broken[k_all] > broken[j_all])
+        w = np.where(far & ~bridging, 0.0, base)  # the chain first: a false peak far away cannot pull the start
         positions = _solve_graph(k_all, j_all, w, m_all, n)
-        if far.any():
+        if (far & ~bridging).any():
             resid = np.linalg.norm(positions[k_all] - positions[j_all] - m_all, axis=1)
-            nearest = far & (dist == dist[far].min())
+            checked = far & ~bridging
+            nearest = checked & (dist == dist[checked].min())
             spread = 1.4826 * np.median(resid[nearest] / np.sqrt(dist[nearest]))
-            far &= resid <= 4 * spread * np.sqrt(dist) + 0.05  # px: a floor where the pairs agree exactly
+            # px: a floor where the pairs agree exactly
+            far &= bridging | (resid <= 4 * spread * np.sqrt(dist) + 0.05)
         for _ in range(6 if far.any() else 0):
             resid = np.linalg.norm(positions[k_all] - positions[j_all] - m_all, axis=1)
             scale = max(1.4826 * np.median(resid[far]), 1e-6)
