@@ -206,13 +206,14 @@ class Destriping(Step):
         cfg = self.config
         x = batch.data.to(torch.float32)
         n, shape, dev = x.shape[0], tuple(x.shape[1:]), x.device
-        # NaN (a 'constant' registration fill) would spread over the whole slice through the FFTs: the filters see
-        # the slice's mean there, and the NaN are put back afterwards.
-        holes = bool(torch.isnan(x.sum()))  # sync: once per batch; a sum is NaN if any pixel is, without a mask
-        missing = torch.isnan(x) if holes else None
+        # NaN (a 'constant' registration fill) or inf would spread over the whole slice through the FFTs: the
+        # filters see the slice's mean of finite pixels there, and those pixels are put back afterwards.
+        holes = not bool(torch.isfinite(x.sum()))  # sync: once per batch; NaN or inf if any pixel is, no mask
+        missing = ~torch.isfinite(x) if holes else None
         original = x
         if holes:
-            x = torch.where(missing, torch.nan_to_num(x.nanmean(dim=(1, 2), keepdim=True)), x)
+            mean = torch.where(missing, float("nan"), x).nanmean(dim=(1, 2), keepdim=True)
+            x = torch.where(missing, torch.nan_to_num(mean), x)
         if batch.start != self._next_start:  # a new stream (next channel, or a resumed run): no warm state
             self._warm = None
         self._next_start = batch.start + n
