@@ -4,7 +4,6 @@ pyvsnr as an engine, the runner's outputs, the public functions."""
 from __future__ import annotations
 
 import csv
-
 import math
 
 import numpy as np
