@@ -134,6 +134,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         from gpustack.io.metadata import read_atlas_setup
 
         pixel_size = read_atlas_setup(wf.project_dir / "Atlas3D.a3d-setup")["pixel_size_um"]
+    if args.z_spacing is not None and not pixel_size:  # ImageJ's spacing is in the pixels' unit: none here
+        raise ConfigError("needs --pixel-size as well (the z spacing is in the unit of the pixel size, um)",
+                          key="--z-spacing")
     out_dir = Path(args.out) if args.out else wf.process_dir / "export"
     written = export_step(wf.project_dir, step, out_dir, list(wf.channels), process_dir=wf.process_dir,
                           pixel_size=pixel_size, z_spacing=z_spacing, overwrite=args.overwrite,

@@ -179,3 +179,17 @@ def test_exporting_a_step_without_slices_says_so(tmp_path, capsys):
     assert main(["export", str(params), "--step", "registration_calculation"]) == 2
     err = capsys.readouterr().err
     assert "'registration_calculation' writes no slices" in err and "Traceback" not in err
+
+
+def test_z_spacing_without_a_pixel_size_is_refused(tmp_path, capsys):
+    write_stack(tmp_path, n=3)
+    params = write_params(tmp_path, 'process_steps = ["cropping"]\n[cropping]\n')
+    assert main(["run", str(params), "-q"]) == 0
+    capsys.readouterr()
+    assert main(["export", str(params), "--z-spacing", "0.02"]) == 2
+    err = capsys.readouterr().err
+    assert "--z-spacing" in err and "--pixel-size" in err and "Traceback" not in err
+    assert not (tmp_path / "process" / "export").exists()
+    assert main(["export", str(params), "--z-spacing", "0.02", "--pixel-size", "0.005"]) == 0
+    with tifffile.TiffFile(tmp_path / "process" / "export" / "cropping.tif") as tif:
+        assert tif.imagej_metadata["spacing"] == 0.02
