@@ -506,3 +506,18 @@ def test_several_references_bridge_a_blank_slice():
         assert got[3] > got[4] > got[5]  # the blank slice between its neighbours
     chained = np.asarray(gpustack.register_stack(stack, references=1))[:, 0, 2]
     np.testing.assert_allclose(chained[5:] - truth[5:], 4.2, atol=0.2)  # chaining loses the two steps
+
+
+@pytest.mark.parametrize("table, key", [("nb_blocks = [1, 1]", "nb_blocks"), ("cropping = true", "cropping")])
+def test_transformation_settings_that_cannot_go_with_the_calculation_are_found_before_reading(tmp_path, table,
+                                                                                            key):
+    """Both are in params.toml: validate says so, instead of the run saying it after the registration pass."""
+    from tests.conftest import write_stack
+
+    write_stack(tmp_path / "data", n=3, shape=(64, 64))
+    params = write_params(tmp_path, 'project_dir = "data"\nprocess_steps = ["registration_calculation", '
+                                    '"registration_transformation"]\n[registration_calculation]\n'
+                                    f"nb_blocks = [2, 2]\n[registration_transformation]\n{table}\n")
+    with pytest.raises(ConfigError) as info:
+        prepare(load_workflow(params))
+    assert info.value.table == "registration_transformation" and info.value.key == key

@@ -93,6 +93,12 @@ def prepare(workflow: Workflow) -> Prepared:
     names = [s.name for s in steps]
     for j, step in enumerate(steps):  # a step that needs another's result: earlier in this run, or saved before
         dep = step.depends_on
+        if dep in names[:j]:
+            try:
+                step.check_dependency(steps[names.index(dep)])
+            except ParamError as exc:
+                raise ConfigError(str(exc), file=str(workflow.params_file) if workflow.params_file else None,
+                                  table=step.name, key=exc.key) from None
         if dep and dep not in names[:j] and not REGISTRY[dep].has_saved_state(workflow.process_dir / dep):
             raise InputError(f"{step.name} needs the result of {dep}, which is neither earlier in process_steps "
                              f"nor saved in {workflow.process_dir / dep}: run {dep} first (or put it before "

@@ -112,6 +112,10 @@ class Step:
         """Step-specific outputs beside the standard statistics; nothing by default."""
 
     # -- results shared between steps (`depends_on`) ----------------------------------------------------------
+    def check_dependency(self, upstream: "Step") -> None:
+        """Before any slice is read: raise ParamError where this step's parameters cannot go with those of the
+        step it depends on, when both are in the same run (what `derive_state` would refuse after its pass)."""
+
     def derive_state(self, upstream: Any, n_slices: int) -> Any:
         """This step's state from the result of the step it depends on; may fix `output_shape` (a crop)."""
         return upstream

@@ -501,6 +501,16 @@ class RegistrationTransformation(Step):
                                          "use cropping = false")
         return rows.stop - rows.start, cols.stop - cols.start
 
+    def check_dependency(self, upstream: Step) -> None:
+        p, q = upstream.config.nb_blocks
+        wanted = self.config.nb_blocks
+        if wanted is not None and wanted[0] * wanted[1] != p * q:
+            raise ParamError("nb_blocks", f"{list(wanted)} does not match registration_calculation's nb_blocks "
+                                          f"{[p, q]}: leave it unset to use the calculation's")
+        if p * q > 1 and self.config.cropping:
+            raise ParamError("cropping", "cropping to the common area is not available with several blocks "
+                                         f"(registration_calculation's nb_blocks {[p, q]})")
+
     def derive_state(self, upstream: dict[str, Any], n_slices: int) -> dict[str, Any]:
         tmats = np.asarray(upstream["tmats"], dtype=np.float64)
         if tmats.shape[0] != n_slices:
