@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,6 +192,22 @@ def test_channels_with_their_own_file_names_resume_and_recompute(tmp_path):
     assert run_params(params, log=logs.append).ran == ["cropping", "cropping_final"]
     assert any("missing" in line and "ESB/ESB_0002.tif" in line for line in logs)
     assert (tmp_path / "process" / "cropping" / "ESB" / "ESB_0002.tif").is_file()
+
+
+def test_a_second_run_in_the_same_results_folder_is_refused(tmp_path):
+    """Two runs at once would rename and remove each other's partial folders (seen: a FileNotFoundError
+    traceback in the second one); the second is told, in one line, before it touches anything."""
+    from gpustack.pipeline.runner import LOCK_NAME, _exclusive
+
+    write_stack(tmp_path, n=3)
+    params = write_params(tmp_path, 'process_steps = ["cropping"]\n[cropping]\n')
+    with _exclusive(tmp_path / "process"):  # another run holding the folder (a lock of another open file)
+        assert (tmp_path / "process" / LOCK_NAME).read_text().strip() == str(os.getpid())
+        with pytest.raises(InputError, match=f"another gpustack run \\(pid {os.getpid()}\\) is working in"):
+            run_params(params)
+        assert not (tmp_path / "process" / "cropping").exists()
+    assert run_params(params).ran == ["cropping"]
+    assert not (tmp_path / "process" / LOCK_NAME).exists()  # removed after each run
 
 
 def test_refuses_to_replace_outputs_it_did_not_write(tmp_path):

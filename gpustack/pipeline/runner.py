@@ -8,12 +8,13 @@ step's `apply` runs once, and the stack is read once per statistics step, not on
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -272,8 +273,62 @@ def _check_writable(process: Path) -> None:
                          "with --output-dir DIR (or output_dir = \"DIR\" in params.toml)") from None
 
 
-def run(prepared: Prepared, *, device_choice: Any, overwrite: bool = False, show_progress: bool = True,
-        log: Callable[[str], None] = print) -> RunSummary:
+LOCK_NAME = ".gpustack.lock"
+
+
+@contextlib.contextmanager
+def _exclusive(process: Path) -> Iterator[None]:
+    """One run at a time per results folder: a second one would rename and remove the first one's partial
+    folders under it. An advisory lock (flock) on process/.gpustack.lock, released when the process ends, even
+    killed, and the file removed after a run. Where the folder cannot be written (nothing to do, or
+    `_check_writable`'s message) there is no lock."""
+    try:
+        import fcntl
+    except ImportError:  # not on POSIX: no lock
+        yield
+        return
+    path = process / LOCK_NAME
+    while True:
+        try:
+            process.mkdir(parents=True, exist_ok=True)
+            handle = open(path, "a+")
+        except OSError:
+            yield
+            return
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "?"
+            handle.close()
+            raise InputError(f"another gpustack run (pid {holder}) is working in {process}: wait for it to end, "
+                             "or write this run elsewhere with --output-dir") from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
+        except OSError:
+            same = False
+        if same:
+            break
+        handle.close()  # the run before removed the file between our open and our lock: lock the new one
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # before the unlock: a waiting run then locks a file of its own
+        handle.close()
+
+
+def run(prepared: Prepared, **kwargs: Any) -> RunSummary:
+    """Run the prepared workflow (see `_run`), alone in its results folder."""
+    with _exclusive(prepared.workflow.process_dir):
+        return _run(prepared, **kwargs)
+
+
+def _run(prepared: Prepared, *, device_choice: Any, overwrite: bool = False, show_progress: bool = True,
+         log: Callable[[str], None] = print) -> RunSummary:
     from gpustack.pipeline.manifest import Manifest, fingerprint, versions
     from gpustack.pipeline.progress import progress_bar
     from gpustack.pipeline.spec import PassSpec, StepRun
