@@ -30,7 +30,13 @@ def slice_statistics(stack: Any, *, device: str | None = None) -> Any:
         t = t[None]
     if t.ndim != 3:
         raise ValueError(f"expected a stack (N, H, W), got shape {tuple(t.shape)}")
+    _not_empty(t)
     return back(slice_stats(t.to(torch.float32), nan_aware=True))
+
+
+def _not_empty(t: Any) -> None:
+    if t.shape[0] == 0 or t[0].numel() == 0:
+        raise ValueError(f"the stack is empty: shape {tuple(t.shape)}")
 
 
 
@@ -47,6 +53,7 @@ def _run_step(step: Any, stack: Any, device: str | None, batch_size: int) -> tup
         t = t[None]
     if t.ndim != 3:
         raise ValueError(f"expected a slice (H, W) or a stack (N, H, W), got shape {tuple(t.shape)}")
+    _not_empty(t)
     t = t.to(torch.float32)
     n = t.shape[0]
     step.output_shape(tuple(t.shape[1:]))
@@ -218,6 +225,7 @@ def warp_stack(stack: Any, matrices: Any, *, mode: str = "constant", order: int 
     if t.ndim != 3 or m.shape != (t.shape[0], 3, 3):
         raise ValueError(f"expected a stack (N, H, W) and (N, 3, 3) matrices, got {tuple(t.shape)} and "
                          f"{tuple(m.shape)}")
+    _not_empty(t)
     t, m = t.to(torch.float32), m.to(torch.float64)
     out = torch.cat([warp_affine(t[s:s + batch_size], m[s:s + batch_size], mode=mode, order=order)
                      for s in range(0, t.shape[0], batch_size)])

@@ -39,6 +39,11 @@ def test_cupy_in_cupy_out():
 def test_wrong_shape_is_a_clear_error():
     with pytest.raises(ValueError, match=r"\(H, W\) or a stack"):
         gpustack.crop(np.zeros(5), [0, 1, 0, 1])
+    empty = np.zeros((0, 16, 20), np.float32)
+    for call in (gpustack.slice_statistics, gpustack.remove_background, gpustack.rescale_intensity,
+                 lambda s: gpustack.warp_stack(s, np.zeros((0, 3, 3)))):
+        with pytest.raises(ValueError, match=r"the stack is empty: shape \(0, 16, 20\)"):
+            call(empty)
 
 
 def test_strided_views_give_what_their_copies_give(device):
