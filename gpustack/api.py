@@ -99,6 +99,15 @@ def remove_background(stack: Any, *, orders: Sequence[int] | None = (1, 1), cros
     step = BkgRemoval(config)
     out, state, records, back = _run_step(step, stack, device, batch_size)
     coefs = state["coefs"] if step.dim == 3 else records["coefs"]
+    unfitted = int((~coefs.isfinite()).reshape(-1, coefs.shape[-1]).any(dim=1).sum())  # sync: once, the result
+    if unfitted:  # as the step's report says it: such slices are returned as they are
+        import warnings
+
+        why = ("too few sampled slices for the z terms (lower skip_factors[2] or the z order)" if step.dim == 3
+               else "too few pixels inside the thresholds (or too few sampled rows/columns for the orders)")
+        warnings.warn(f"remove_background: the background could not be fitted "
+                      f"{'over the stack' if step.dim == 3 else f'on {unfitted} slice(s)'}, returned unchanged: {why}",
+                      RuntimeWarning, stacklevel=2)
     if getattr(stack, "ndim", 3) == 2 and step.dim == 2:
         coefs = coefs[0]
     return out, back(coefs)

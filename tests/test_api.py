@@ -61,3 +61,16 @@ def test_strided_views_give_what_their_copies_give(device):
     strided = base[:, ::2, ::2]
     np.testing.assert_array_equal(gpustack.rescale_intensity(strided),
                                   gpustack.rescale_intensity(np.ascontiguousarray(strided)))
+
+
+def test_remove_background_warns_when_nothing_could_be_fitted():
+    rng = np.random.default_rng(1)
+    stack = rng.normal(1000, 10, (6, 32, 32)).astype(np.float32)
+    with pytest.warns(RuntimeWarning, match="could not be fitted over the stack.*z terms"):
+        out, coefs = gpustack.remove_background(stack, orders=(1, 1, 1))  # z sampled every 10 slices: one group
+    assert np.isnan(coefs).all() and np.array_equal(out, stack)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gpustack.remove_background(stack, orders=(1, 1, 1), skip_factors=(4, 4, 1))  # fitted: no warning
