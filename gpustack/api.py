@@ -39,7 +39,6 @@ def _not_empty(t: Any) -> None:
         raise ValueError(f"the stack is empty: shape {tuple(t.shape)}")
 
 
-
 def _run_step(step: Any, stack: Any, device: str | None, batch_size: int) -> tuple[Any, Any, dict, Any]:
     """A step over an in-memory stack, batch by batch, exactly as the runner drives it (statistics pass first)."""
     import torch

@@ -27,7 +27,8 @@ CPU = resolve_device("cpu")
 
 
 def run_params(path: Path, **kwargs):
-    return run(prepare(load_workflow(path)), device_choice=CPU, show_progress=False, **{"log": lambda m: None, **kwargs})
+    kwargs.setdefault("log", lambda m: None)
+    return run(prepare(load_workflow(path)), device_choice=CPU, show_progress=False, **kwargs)
 
 
 def tree_digest(folder: Path) -> dict[str, str]:

@@ -372,7 +372,8 @@ def _run(prepared: Prepared, *, device_choice: Any, overwrite: bool = False, sho
                 "recomputed")
         return not missing
 
-    done = [not overwrite and manifest.is_done(s.name, fp) and intact(i) for i, (s, fp) in enumerate(zip(steps, fps))]
+    done = [not overwrite and manifest.is_done(s.name, fp) and intact(i)
+            for i, (s, fp) in enumerate(zip(steps, fps))]
     first_todo = next((i for i, d in enumerate(done) if not d), len(steps))
     if first_todo == len(steps):
         log(f"all {len(steps)} steps are up to date in {process} (--overwrite recomputes them)")

@@ -3,8 +3,9 @@
 The calculation runs as a statistics pass on the first channel: each slice is registered to the `references`
 slices before it (for translations 3 by default; on the device: by default `kernels/translation.py`'s
 correlation then Newton iterations moved by the median of tiles, robust to structures that change; or
-pystackreg), and the slices' positions are solved in least squares from all those measurements, weighted by their quality; with `references = 1` this is PyStack3D's
-pairwise chaining, whose error accumulates along the stack. The result is saved as PyStack3D's `tmats.npy`
+pystackreg), and the slices' positions are solved in least squares from all those measurements, weighted by
+their quality; with `references = 1` this is PyStack3D's pairwise chaining, whose error accumulates along the
+stack. The result is saved as PyStack3D's `tmats.npy`
 (pairwise matrices, (n, blocks, 3, 3)), so PyStack3D's own transformation step can read it, and the
 transformation step of a later run too.
 
@@ -81,8 +82,8 @@ class RegistrationCalculationConfig:
 
 def default_references(estimator: str) -> int:
     """What `references = 0` means. Tiles: 3, which bounds the drift that chaining accumulates where structures
-    stay alike over a few slices (RESULTS.md: the registration and workflow benchmarks, about 3x the pairs'
-    work). The correlation peak of slices two or three apart is too loose on the fast-changing stacks that
+    stay alike over a few slices (RESULTS.md: the registration and workflow benchmarks; about twice the chain's
+    time). The correlation peak of slices two or three apart is too loose on the fast-changing stacks that
     estimator is for (measured on tests/test_registration.py's 99² drifting stack, `register_stack`: 1.9 px
     off after 100 slices with 1 reference, 2.9 px with 3)."""
     return 3 if estimator == "tiles" else 1
