@@ -211,6 +211,20 @@ def test_a_second_run_in_the_same_results_folder_is_refused(tmp_path):
     assert not (tmp_path / "process" / LOCK_NAME).exists()  # removed after each run
 
 
+def test_a_file_system_without_locks_runs_unlocked(tmp_path, monkeypatch):
+    """flock fails with ENOLCK on some network file systems: that is no other run, and no reason to refuse."""
+    import errno
+    import fcntl
+
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    write_stack(tmp_path, n=3)
+    params = write_params(tmp_path, 'process_steps = ["cropping"]\n[cropping]\n')
+    assert run_params(params).ran == ["cropping"]
+
+
 def test_refuses_to_replace_outputs_it_did_not_write(tmp_path):
     write_stack(tmp_path, n=3)
     params = write_params(tmp_path, 'process_steps = ["cropping"]\n[cropping]\n')

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import functools
 import os
 import shutil
@@ -297,7 +298,11 @@ def _exclusive(process: Path) -> Iterator[None]:
             return
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):  # no locks here (some network
+                handle.close()  # file systems): run unlocked, as before there was a lock
+                yield
+                return
             handle.seek(0)
             holder = handle.read().strip() or "?"
             handle.close()
