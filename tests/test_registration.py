@@ -129,7 +129,12 @@ def test_transformation_aligns_the_stack(tmp_path, drifting):
         before.append(np.sqrt(np.mean((raw - truth) ** 2)))
         after.append(np.sqrt(np.mean((got - truth) ** 2)))
     assert np.mean(after) < 0.5 * np.mean(before)
-    assert (out / "outputs" / "tmats_cumul.npy").is_file() and (out / "outputs" / "registration_area.png").is_file()
+    assert (out / "outputs" / "registration_area.png").is_file()
+    cumulative = np.load(out / "outputs" / "tmats_cumul.npy")  # PyStack3D's layout: (n, blocks, 3, 3)
+    assert cumulative.shape == (len(files), 1, 3, 3)
+    np.testing.assert_allclose(cumulative[:, 0], np.cumsum(np.load(process / "registration_calculation" /
+                                                                   "tmats.npy")[:, 0], axis=0) - np.arange(
+        len(files))[:, None, None] * np.eye(3), atol=1e-9)
 
 
 def test_transformation_resumes_from_a_saved_calculation(tmp_path, drifting):

@@ -107,7 +107,8 @@ def write_calculation_report(step: "RegistrationCalculation", report: "Report") 
 def write_transformation_report(step: "RegistrationTransformation", report: "Report") -> None:
     out, state = report.outputs_dir, report.state
     cumulative = state["cumulative"]
-    np.save(out / "tmats_cumul.npy", cumulative)
+    # PyStack3D's layout (n, blocks, 3, 3), even for one block
+    np.save(out / "tmats_cumul.npy", state.get("blocks", cumulative[:, None]))
     _plot_components(out / "tmats_cumul_evol.png", [components(cumulative, "AFFINE")],
                      "registration_transformation: cumulative transforms applied")
     if step.config.cropping and step._crop is not None:
