@@ -102,11 +102,9 @@ def remove_background(stack: Any, *, orders: Sequence[int] | None = (1, 1), cros
     if unfitted:  # as the step's report says it: such slices are returned as they are
         import warnings
 
-        why = ("too few sampled slices for the z terms (lower skip_factors[2] or the z order)" if step.dim == 3
-               else "too few pixels inside the thresholds (or too few sampled rows/columns for the orders)")
         warnings.warn(f"remove_background: the background could not be fitted "
-                      f"{'over the stack' if step.dim == 3 else f'on {unfitted} slice(s)'}, returned unchanged: {why}",
-                      RuntimeWarning, stacklevel=2)
+                      f"{'over the stack' if step.dim == 3 else f'on {unfitted} slice(s)'}, returned unchanged: "
+                      f"{step.unfitted_reason}", RuntimeWarning, stacklevel=2)
     if getattr(stack, "ndim", 3) == 2 and step.dim == 2:
         coefs = coefs[0]
     return out, back(coefs)

@@ -48,10 +48,8 @@ def write_background_report(step: BkgRemoval, report: Report) -> None:
         lines.append(f"fit: {state['samples']} samples from {state['groups']} slice groups, "
                      f"{int(state['iterations'])} iterations, robust scale {float(state['scale']):.4g}")
     if unfitted:
-        why = ("too few sampled slices for the z terms (lower skip_factors[2] or the z order)" if step.dim == 3
-               else "too few pixels inside the thresholds (or too few sampled rows/columns for the orders)")
         message = (f"{len(unfitted)} slice(s) were left as they are, the {q}-term background could not be fitted: "
-                   f"{why}: {', '.join(unfitted[:5])}{', ...' if len(unfitted) > 5 else ''}")
+                   f"{step.unfitted_reason}: {', '.join(unfitted[:5])}{', ...' if len(unfitted) > 5 else ''}")
         lines.append(message)
         report.warn(message)
     (out / "log.txt").write_text("\n".join(lines) + "\n")

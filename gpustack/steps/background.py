@@ -209,6 +209,13 @@ class BkgRemoval(Step):
         records.update(_profiles(x, out, self.sampling.sx, self.sampling.sy))
         return out, records
 
+    @property
+    def unfitted_reason(self) -> str:
+        """Why a slice could not be fitted, for the report's and the public function's warnings."""
+        if self.dim == 3:
+            return "too few sampled slices for the z terms (lower skip_factors[2] or the z order)"
+        return "too few pixels inside the thresholds (or too few sampled rows/columns for the orders)"
+
     def write_report(self, report: Report) -> None:
         from gpustack.report.background import write_background_report
 
