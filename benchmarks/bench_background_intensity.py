@@ -9,6 +9,9 @@ a contrast drop on slices 25-33 %, low noise, no shifts, curtains or deleted sli
        gpustack twice: its defaults (linear mapping, median reference, jumps only) and mapping "histogram" + reference "mean"
 
 plus a cropping-only run of each tool, so that a step's marginal time (workload - cropping only) can be shown.
+Every contender also runs (warm) on the first `--short` slices of the same stack: the difference of the two
+runs, per slice, is its cost per slice without start-up (imports, plots' fixed part), as the cropping benchmark
+measures it between 200 and 50 slices.
 Every contender is a fresh process (start-up included), timed with /usr/bin/time (wall, peak RSS), with the
 inputs dropped from the page cache (cold) and then without (warm); `--repeats` interleaved runs, median shown.
 PyStack3D's 2D bkg_removal raises in its final plot (`plot_stats_xy` wants 3 skip factors) after every slice is
@@ -102,8 +105,25 @@ def dataset(root: Path, spec: SyntheticSpec) -> SyntheticStack:
     return cached_stack(root, spec)
 
 
+class Prefix:
+    """The first slices of a stack, linked into a folder of their own: the same data, fewer slices."""
+
+    def __init__(self, folder: Path, files: list[Path]):
+        folder.mkdir(parents=True, exist_ok=True)
+        for src in files:
+            link = folder / src.name
+            if not link.is_symlink():
+                link.symlink_to(src)
+        self.root = folder
+        self._files = [folder / src.name for src in files]
+
+    def files(self) -> list[Path]:
+        return self._files
+
+
 class Contender:
-    def __init__(self, name: str, folder: Path, data: SyntheticStack, area: list[int], args: argparse.Namespace):
+    def __init__(self, name: str, folder: Path, data: SyntheticStack | Prefix, area: list[int],
+                 args: argparse.Namespace):
         self.name, self.folder, self.data, self.args = name, folder, data, args
         self.workload, self.tool, self.step, extra = CONTENDERS[name]
         steps = ["cropping"] + ([self.step] if self.step != "cropping" else [])
@@ -352,12 +372,14 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--work", type=Path, default=Path("bench-data/bkg-intensity"))
     parser.add_argument("--cache", choices=["warm", "cold", "both"], default="both")
+    parser.add_argument("--short", type=int, default=50,
+                        help="also time every contender (warm) on this many first slices: per-slice costs; 0: no")
     parser.add_argument("--no-pystack3d", action="store_true")
     parser.add_argument("--no-profile", action="store_true", help="skip the py-spy profile of gpustack's runs")
     parser.add_argument("--no-results", action="store_true", help="do not update benchmarks/RESULTS.md")
     args = parser.parse_args()
     if args.quick:
-        args.slices, args.size, args.no_results = 40, 256, True
+        args.slices, args.size, args.no_results, args.short = 40, 256, True, min(args.short, 10)
     command = "python benchmarks/bench_background_intensity.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
     work = (args.work / f"n{args.slices}_s{args.size}").resolve()
@@ -367,6 +389,11 @@ def main() -> None:
     inputs = data.files()
     names = [n for n in CONTENDERS if not (args.no_pystack3d and CONTENDERS[n][1] == "pystack3d")]
     runs = {n: Contender(n, work / "runs" / n.replace(" ", "_"), data, area, args) for n in names}
+    n_short = args.short if 0 < args.short < len(inputs) else 0
+    if n_short:
+        prefix = Prefix(work / f"first{n_short}", inputs[:n_short])
+        shorts = {n: Contender(n, work / f"runs_first{n_short}" / n.replace(" ", "_"), prefix, area, args)
+                  for n in names}
 
     print("untimed cropping-only run of each tool (imports into the page cache) ...", flush=True)
     crashes: dict[str, str | None] = {}
@@ -389,6 +416,14 @@ def main() -> None:
                 results.setdefault(cache, {}).setdefault(name, []).append((seconds, peak))
                 print(f"{cache:4} {rep + 1}/{args.repeats} {name:18} {seconds:7.2f} s {peak:7.0f} MiB"
                       + (f"  (crashed after writing all slices: {crashes[name]})" if crashes[name] else ""), flush=True)
+                if cache == "warm" and n_short:
+                    short = shorts[name]
+                    short.reset()
+                    seconds, _ = timed(short.cmd)
+                    short.check()
+                    results.setdefault("short", {}).setdefault(name, []).append((seconds, 0.0))
+                    print(f"warm {rep + 1}/{args.repeats} {name:18} {seconds:7.2f} s  (first {n_short} slices)",
+                          flush=True)
 
     load_after = os.getloadavg()
     profiles: dict[str, dict[str, float]] = {}
@@ -424,6 +459,11 @@ def main() -> None:
     def marginal(cache: str, name: str) -> float | None:
         t, t0 = cell_t(cache, name), cell_t(cache, crop_of(name))
         return None if t is None or t0 is None else t - t0
+
+    def per_slice(name: str) -> float | None:
+        """ms per slice from the warm runs on all slices and on the first n_short."""
+        t, t0 = cell_t("warm", name), med.get("short", {}).get(name)
+        return None if t is None or t0 is None else 1e3 * (t - t0) / (n_sl - n_short)
 
     def ratio(a: float | None, b: float | None) -> float | None:
         return None if a is None or b is None or b <= 0 else a / b
@@ -498,6 +538,25 @@ def main() -> None:
            '`process_steps = ["cropping", "intensity_rescaling"]`, `[intensity_rescaling] nbins = 256, '
            "filter_size = -1` (PyStack3D's template), on the same input (background still in). gpustack's second "
            'row adds `mapping = "histogram", reference = "mean"` (PyStack3D\'s method) to its own copy of the file.')
+    if n_short and "short" in med:
+        lines += ["", f"### Per-slice costs without start-up (warm, {n_sl} against the first {n_short} slices)", "",
+                  (f"Each contender's warm run on the first {n_short} slices of the same stack (linked, same files), "
+                   f"against its run on all {n_sl}: (t({n_sl}) - t({n_short})) / {n_sl - n_short} is its cost per "
+                   "slice without start-up (imports, the plots' fixed part), which a stack of thousands of slices "
+                   "is made of. A step's cost per slice: its workload's minus the same tool's cropping-only run's."),
+                  "", f"| contender | workload | warm s, {n_sl} slices | warm s, {n_short} slices | ms per slice | "
+                  "step ms per slice | PyStack3D / this, step per slice |", "|---|---|---|---|---|---|---|"]
+        per = {n: per_slice(n) for n in names}
+        for name in names:
+            workload = CONTENDERS[name][0]
+            step = None if workload == "crop" or per[name] is None or per[crop_of(name)] is None \
+                else per[name] - per[crop_of(name)]
+            theirs = next((n for n in names if CONTENDERS[n][:2] == (workload, "pystack3d")), None)
+            their_step = None if theirs is None or workload == "crop" or per[theirs] is None \
+                else per[theirs] - per[crop_of(theirs)]
+            lines.append(f"| {LABELS[name].format(nproc=nproc)} | {workload} | {fmt(cell_t('warm', name), '.2f')} | "
+                         f"{fmt(med['short'].get(name), '.2f')} | {fmt(per[name], '.2f')} | {fmt(step, '.2f')} | "
+                         f"{fmt(ratio(their_step, step), '.2f') if step is not None else '—'} |")
     lines += ["", ("The ground truth has no background, which intensity rescaling does not remove; against "
                    "truth + background (the target of a contrast correction alone), with PSNR split between the "
                    f"{int((data.contrast != 1).sum())} contrast-drop slices and the others:"), "",

@@ -121,6 +121,28 @@ def test_mad_of_all_valid_samples_is_the_lower_median(device, m):
     np.testing.assert_allclose(fast.cpu().numpy(), lower / robust.MAD_NORMAL, rtol=1e-6)
 
 
+def test_lower_median_selection_matches_kthvalue(device):
+    """The CPU path selects with NumPy in place; it must give kthvalue's value, also on a non-contiguous view."""
+    rng = np.random.default_rng(5)
+    a = torch.tensor(np.abs(rng.standard_cauchy((4, 1001))), dtype=torch.float32, device=device)
+    a[1, ::7] = a[1, 0]  # ties
+    expected = torch.kthvalue(a, 501, dim=1).values
+    assert torch.equal(robust._lower_median(a.clone()), expected)
+    wide = torch.zeros(4, 2002, dtype=torch.float32, device=device)
+    wide[:, ::2] = a
+    assert torch.equal(robust._lower_median(wide[:, ::2]), expected)
+
+
+def test_huber_weights_in_three_operations_match_the_norm(device):
+    rng = np.random.default_rng(6)
+    resid = torch.tensor(rng.normal(0, 3, (3, 500)), dtype=torch.float32, device=device)
+    scale = torch.tensor([0.5, 2.0, 9.0], dtype=torch.float32, device=device)
+    fast = robust._weights(resid, scale, "HuberT")
+    reference = robust.norm_weights(resid / scale[:, None], "HuberT")
+    torch.testing.assert_close(fast, reference, rtol=2e-7, atol=0)
+    assert torch.equal(fast == 1, resid.abs() <= robust.HUBER_T * scale[:, None])
+
+
 def test_robust_fit_ignores_outliers_that_bias_least_squares(device):
     a, y, valid = _problems()
     basis = robust.Basis(torch.from_numpy(a).to(device))
@@ -350,6 +372,32 @@ def test_too_few_samples_for_the_basis_is_a_config_error(tmp_path):
     params.write_text(params.read_text().replace("ind_min = 2\nind_max = 9\n", ""))
     with pytest.raises(ConfigError, match="skip_factors"):
         prepare(load_workflow(params))
+
+
+def test_background_thumbnail_files_show_the_background_and_red_text(tmp_path):
+    from PIL import Image
+
+    from gpustack.report.background import THUMBNAIL, _write_thumbnails
+    from gpustack.steps.background import BkgRemoval, BkgRemovalConfig
+
+    step = BkgRemoval(BkgRemovalConfig(orders=(1, 1), cross_terms=False))  # 1, x, y
+    assert step.powers == ((0, 0), (0, 1), (1, 0))  # 1, y, x
+    coefs = np.array([[100.0, 0.0, 50.0], [10.0, -20.0, 0.0], [np.nan, np.nan, np.nan]])
+    names = ["a.tif", "b.tif", "c.tif"]
+    _write_thumbnails(tmp_path, step, coefs, names, (200, 400))
+    for k, name in enumerate(["a", "b"]):
+        image = Image.open(tmp_path / f"{name}.png")
+        assert image.size == (THUMBNAIL, 50)
+        rgb = np.asarray(image.convert("RGB")).astype(int)
+        red = (rgb[..., 0] == 255) & (rgb[..., 1] == 0) & (rgb[..., 2] == 0)
+        assert 20 < red[:25, :50].sum() and not red[30:].any()  # the vmin/vmax text, top left only
+        grey = rgb[30:, :, 0]
+        assert np.array_equal(grey, rgb[30:, :, 1])
+        if k == 0:  # background 100 + 50 x: dark left, white right, constant down the columns
+            assert grey[:, 0].max() == 0 and grey[:, -1].min() == 254 and np.ptp(grey, axis=0).max() == 0
+        else:  # 10 - 20 y: white at y = 0 (top row), black at the bottom
+            assert grey[-1].max() == 0 and np.ptp(grey, axis=1).max() == 0
+    assert (tmp_path / "c.png").is_file()  # not fitted: a flat image saying so
 
 
 @pytest.mark.parametrize("basis", ["1 + x + y + x*y + x**2", "1 + x + y + z + x*y*z + y**2*z"])

@@ -114,13 +114,26 @@ def _step(basis: Basis, w: torch.Tensor, resid: torch.Tensor) -> tuple[torch.Ten
 def _mad_scale(resid: torch.Tensor, valid: torch.Tensor, all_valid: bool = False) -> torch.Tensor:
     """statsmodels' `mad(resid, center=0)` per problem, over the valid samples (torch's median is the lower one).
 
-    `all_valid` (every sample of every problem): the lower median is the ((m + 1) // 2)-th smallest, which
-    kthvalue selects without the NaN mask (half the time of nanmedian on a few slices' samples; it was half of
-    the background fits' time)."""
+    `all_valid` (every sample of every problem): the lower median is the ((m + 1) // 2)-th smallest, selected
+    without the NaN mask (nanmedian took half of the background fits' time)."""
     if all_valid:
-        return torch.kthvalue(resid.abs(), (resid.shape[1] + 1) // 2, dim=1).values / MAD_NORMAL
+        return _lower_median(resid.abs()) / MAD_NORMAL
     a = torch.where(valid, resid.abs(), float("nan"))
     return torch.nanmedian(a, dim=1).values / MAD_NORMAL
+
+
+def _lower_median(a: torch.Tensor) -> torch.Tensor:
+    """The ((m + 1) // 2)-th smallest of each row of a temporary `a` (b, m), which it may reorder.
+
+    On the CPU, NumPy's introselect in place: torch's CPU kthvalue copies its input and took 3-4x as long
+    (4 x 8281 samples: 169 against 65 us; 200 x 8281: 11.0 against 2.7 ms), and it was most of a background
+    fit's time. A CPU tensor shares its memory with the NumPy view: no copy, no synchronisation."""
+    k = (a.shape[1] + 1) // 2
+    if a.device.type != "cpu" or not a.is_contiguous():
+        return torch.kthvalue(a, k, dim=1).values
+    host = a.numpy()
+    host.partition(k - 1, axis=1)
+    return a[:, k - 1]
 
 
 class _Anderson:
@@ -131,40 +144,51 @@ class _Anderson:
     map contracts slowly, by a few per cent per step, and plain iteration takes 50-100 steps. Anderson mixing
     combines the last few steps' G(c) so that the step differences f = dc cancel in least squares: same fixed
     point, typically a third of the steps. A problem whose step grows restarts its history (safeguard).
+
+    The problems are tiny (a few coefficients), so a step costs what its number of tensor operations costs:
+    the differences of f and of G are kept side by side in one (b, 2n, depth) history, updated in one write.
     """
 
     def __init__(self, b: int, n: int, device: torch.device):
-        self.df = torch.zeros(b, n, ANDERSON_DEPTH, dtype=torch.float64, device=device)
-        self.dg = torch.zeros_like(self.df)
-        self.f = self.g = None
+        self.n = n
+        self.history = torch.zeros(b, 2 * n, ANDERSON_DEPTH, dtype=torch.float64, device=device)
+        self.last: torch.Tensor | None = None  # (b, 2n): the previous step's [f, G]
+        self.last_norm: torch.Tensor | None = None  # (b,): |f|² of the previous step
         self.k = 0
 
     def keep(self, rows: torch.Tensor) -> None:
         """Keep only these problems' histories (the others left the working set)."""
-        self.df, self.dg = self.df[rows], self.dg[rows]
-        if self.f is not None:
-            self.f, self.g = self.f[rows], self.g[rows]
+        self.history = self.history[rows]
+        if self.last is not None:
+            self.last, self.last_norm = self.last[rows], self.last_norm[rows]
 
     def next(self, c: torch.Tensor, dc: torch.Tensor, plain: torch.Tensor) -> torch.Tensor:
-        g = c + dc
-        if self.f is not None:
-            slot = self.k % ANDERSON_DEPTH
-            self.df[:, :, slot] = dc - self.f
-            self.dg[:, :, slot] = g - self.g
+        n = self.n
+        current = torch.cat([dc, c + dc], dim=1)  # [f, G]
+        norm = (dc * dc).sum(dim=1)
+        if self.last is not None:
+            self.history[:, :, self.k % ANDERSON_DEPTH] = current - self.last
             # Safeguard: where the step grew, the history no longer describes the map here; forget it.
-            grew = dc.norm(dim=1) > self.f.norm(dim=1)
-            keep = (~grew).to(torch.float64)[:, None, None]
-            self.df *= keep
-            self.dg *= keep
+            self.history *= (norm <= self.last_norm).to(torch.float64)[:, None, None]
             self.k += 1
-        self.f, self.g = dc, g
-        gram = self.df.transpose(1, 2) @ self.df
-        ridge = 1e-10 * gram.diagonal(dim1=1, dim2=2).sum(dim=1) + torch.finfo(torch.float64).tiny
-        gram = gram + ridge[:, None, None] * torch.eye(ANDERSON_DEPTH, dtype=gram.dtype, device=gram.device)
-        gamma, info = torch.linalg.solve_ex(gram, (self.df.transpose(1, 2) @ dc[:, :, None]))
-        mixed = g - (self.dg @ gamma)[:, :, 0]
+        self.last, self.last_norm = current, norm
+        df, dg = self.history[:, :n], self.history[:, n:]
+        gram = df.transpose(1, 2) @ df
+        diagonal = gram.diagonal(dim1=1, dim2=2)
+        diagonal += (1e-10 * diagonal.sum(dim=1) + torch.finfo(torch.float64).tiny)[:, None]  # ridge
+        gamma, info = torch.linalg.solve_ex(gram, df.transpose(1, 2) @ dc[:, :, None])
+        g = current[:, n:]
+        mixed = g - (dg @ gamma)[:, :, 0]
         usable = (info == 0) & torch.isfinite(mixed).all(dim=1) & ~plain
         return torch.where(usable[:, None], mixed, g)
+
+
+def _weights(resid: torch.Tensor, scale: torch.Tensor, norm: str) -> torch.Tensor:
+    """`norm_weights(resid / scale)`; Huber's in three operations: min(1, t s / |r|) = t s / max(|r|, t s)."""
+    if norm == "HuberT":
+        threshold = (HUBER_T * scale)[:, None]
+        return threshold / torch.maximum(resid.abs(), threshold)
+    return norm_weights(resid / scale[:, None], norm)
 
 
 def _irls(basis: Basis, y: torch.Tensor, valid: torch.Tensor, c: torch.Tensor, resid: torch.Tensor,
@@ -174,32 +198,36 @@ def _irls(basis: Basis, y: torch.Tensor, valid: torch.Tensor, c: torch.Tensor, r
 
     The rows still iterating form the working set, and a row leaves it when it converges: a batch costs what its
     running rows cost, not as many iterations of every row as its slowest one needs (7 to 28 on the background
-    benchmark's slices, accelerated).
+    benchmark's slices, accelerated). Results go back to the batch only when rows leave, and at the end.
     """
     c, scale = c.clone(), scale.clone()
     iterations = torch.zeros(y.shape[0], dtype=torch.int32, device=y.device)
-    # Below this change float32 rounding of the residuals dominates and the iteration only dithers.
+    # Below this change float32 rounding of the residuals dominates and the iteration only dithers; compared
+    # with the squared step, as (tol x scale + floor)² x m.
     floor = 8 * torch.finfo(torch.float32).eps * y.abs().amax(dim=1).to(torch.float64)
     rows = (~done).nonzero()[:, 0]  # sync: once, the rows to iterate
     ya, va, ra, ca, sa, fa = y[rows], valid[rows], resid[rows], c[rows], scale[rows], floor[rows]
     mixer = _Anderson(len(rows), basis.n_terms, c.device)
-    for _ in range(maxiter):
-        if len(rows) == 0:
-            break
-        w = norm_weights(ra / sa[:, None], norm) * va
+    steps = 0
+    while len(rows) and steps < maxiter:
+        w = _weights(ra, sa, norm)
+        if not all_valid:
+            w = w * va
         dc, ok = _step(basis, w, ra)
-        iterations[rows] += 1
+        steps += 1
         # Q is orthonormal: |Q dc| = |dc|, so this is the RMS change of the fitted surface.
-        converged = (dc.norm(dim=1) / basis.m ** 0.5 <= tol * sa + fa) | ~ok
+        converged = ((dc * dc).sum(dim=1) <= (tol * sa + fa).square() * basis.m) | ~ok
         # A converging row ends on the plain step c + dc, as statsmodels' iteration would.
         ca = mixer.next(ca, dc, plain=converged) if accelerate else ca + dc
         ra = ya - basis.predict(ca)
         sa = torch.where(converged, sa, _mad_scale(ra, va, all_valid))
-        c[rows], scale[rows] = ca, sa
         running = (~converged & (sa > 0)).nonzero()[:, 0]  # sync: the only host synchronisation per iteration
         if len(running) < len(rows):
+            c[rows], scale[rows], iterations[rows] = ca, sa, steps
             rows, ya, va, ra, ca, sa, fa = (t[running] for t in (rows, ya, va, ra, ca, sa, fa))
             mixer.keep(running)
+    if len(rows):  # stopped at maxiter
+        c[rows], scale[rows], iterations[rows] = ca, sa, steps
     return c, scale, iterations
 
 
