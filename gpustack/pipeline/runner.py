@@ -582,6 +582,13 @@ def _run(prepared: Prepared, *, device_choice: Any, overwrite: bool = False, sho
                     for r in runs:
                         r.stats = np.full((len(source), 9), np.nan, dtype=np.float32)
                 else:
+                    if not on_host:
+                        from gpustack.pipeline.prefit import prefit, sampled_run
+
+                        if sampled_run(spec) is not None:
+                            with progress_bar(f"{label}: fits", len(source), enabled=show_progress,
+                                              log=log) as advance:
+                                prefit(spec, device, io_threads=min(8, (wf.nproc or 2) * 2), on_progress=advance)
                     with progress_bar(label, len(source), enabled=show_progress, log=log) as advance:
                         if on_host:
                             run_host_pass(spec, batch_size=batch, io_threads=min(8, (wf.nproc or 2) * 2),

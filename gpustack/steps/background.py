@@ -194,12 +194,17 @@ class BkgRemoval(Step):
         keep = None if cfg.correct_masked else ~fit_mask(x, cfg.threshold_min, cfg.threshold_max)
         records: dict[str, torch.Tensor] = {}
         if self.dim == 2:
-            values, ok = self.sampling.take_masked(x, cfg.threshold_min, cfg.threshold_max)
-            fit = model.fit_slices(values, ok, cfg.weight_func, cfg.maxiter)
-            offset = (polynomial.mean_value(self.powers, fit.coefs, x.shape[1], x.shape[2]) if cfg.preserve_avg
-                      else fit.coefs[:, 0])
-            grid = polynomial.slice_coefficients(self.powers, fit.coefs)
-            records.update(coefs=fit.coefs, scale=fit.scale, iterations=fit.iterations, offset=offset)
+            ahead = state.get("prefit") if isinstance(state, dict) else None
+            if ahead is not None:  # fitted before the pass, from the files (pipeline/prefit.py)
+                fit = {k: v[batch.start:batch.start + x.shape[0]] for k, v in ahead.items()}
+            else:
+                values, ok = self.sampling.take_masked(x, cfg.threshold_min, cfg.threshold_max)
+                fit = self._fit(model, values, ok)
+            coefs = fit["coefs"]
+            offset = (polynomial.mean_value(self.powers, coefs, x.shape[1], x.shape[2]) if cfg.preserve_avg
+                      else coefs[:, 0])
+            grid = polynomial.slice_coefficients(self.powers, coefs)
+            records.update(fit, offset=offset)
         else:
             ks = torch.arange(batch.start, batch.start + x.shape[0], dtype=torch.float64, device=x.device)
             z = ks / max(1, batch.n_total - 1)
@@ -208,6 +213,22 @@ class BkgRemoval(Step):
         out = model.remove(x, grid, offset, keep)
         records.update(_profiles(x, out, self.sampling.sx, self.sampling.sy))
         return out, records
+
+    def _fit(self, model: Background, values: torch.Tensor, ok: torch.Tensor) -> dict[str, torch.Tensor]:
+        fit = model.fit_slices(values, ok, self.config.weight_func, self.config.maxiter)
+        return {"coefs": fit.coefs, "scale": fit.scale, "iterations": fit.iterations}
+
+    def sample_grid(self) -> tuple[int, int] | None:
+        """2D fits on every sy-th row and sx-th column use nothing else (block means use every pixel)."""
+        if self.dim != 2 or self.sampling.averaging:
+            return None
+        return self.sampling.sy, self.sampling.sx
+
+    def fit_samples(self, values: torch.Tensor, shape: tuple[int, int]) -> dict[str, torch.Tensor]:
+        from gpustack.kernels.background import fit_mask
+
+        model = self._model(shape[0], shape[1], values.device)
+        return self._fit(model, values, fit_mask(values, self.config.threshold_min, self.config.threshold_max))
 
     @property
     def unfitted_reason(self) -> str:

@@ -11,6 +11,8 @@ The runner gives it batches of slices already on the device and owns everything 
 - `apply_recorded(batch, state)`: the same, plus per-slice records (e.g. fitted coefficients) that the runner
   gathers into (n, ...) arrays for `write_report`: steps that record override this one instead of `apply`;
 - `region(shape)`: for steps that only select pixels (cropping): the rows and columns kept;
+- `sample_grid()` / `fit_samples(values, shape)`: optional, for a per-slice fit on a strided grid of the input
+  (2D bkg_removal): the runner may fit many slices ahead from the files (`pipeline/prefit.py`);
 - `halo`: the neighbouring slices (before, after) `apply` needs around each slice;
 - `write_report(report)`: step-specific files and plots, written after the pass.
 """
@@ -100,6 +102,16 @@ class Step:
 
     def fit_reduce(self, partials: list[Any]) -> Any:
         return partials
+
+    def sample_grid(self) -> tuple[int, int] | None:
+        """(row, column) steps of the only input pixels `apply`'s per-slice fit uses (pixels [::sy, ::sx]), or None.
+        With a grid, the runner may read those pixels ahead and call `fit_samples` on many slices at once."""
+        return None
+
+    def fit_samples(self, values: torch.Tensor, shape: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """The per-slice fits of `values` (b, hs, ws) float32, the `sample_grid` of (b) input slices of `shape`;
+        `apply` finds them in its state as {"prefit": (n, ...) tensors}, row k for stack slice k."""
+        raise NotImplementedError
 
     def apply(self, batch: Batch, state: Any) -> torch.Tensor:  # pragma: no cover - contract
         raise NotImplementedError
