@@ -79,13 +79,22 @@ def run_host_pass(spec: PassSpec, *, batch_size: int, io_threads: int = 4, prefe
     writes = SliceWrites(source, threads=io_threads, slots=len(ring),
                          limit=2 * batch_size * max(1, sum(r.out_dir is not None for r in runs)))
     band_rows = rows if spec.push_region else None
+    # The first step's region is what the readers read: its statistics are taken by the reader right after
+    # each read, beside the main thread, while the slice is in the cache (1.1 ms per 1024² slice; 200 x 2 slices
+    # of 2048² cropped to 1024², warm, medians of 7 alternating runs: 1.72 against 1.95 s, then 2.05 against 2.10).
+    read_stats = np.full((n, 3), np.nan, np.float32) if spec.push_region else None
+
+    def read(i: int, out: np.ndarray) -> None:
+        read_slice(source.slices[i], out, band_rows)
+        if read_stats is not None:
+            read_stats[i] = host_stats(out[None, :, cols])[0]
 
     def submit(batch_no: int) -> None:
         b0 = starts[batch_no]
         b1 = min(n, b0 + batch_size)
         slot = batch_no % len(ring)
         writes.free(slot)  # slices are written straight from the ring buffer: done before it is refilled
-        futures = [readers.submit(read_slice, source.slices[i], ring[slot][i - b0], band_rows) for i in range(b0, b1)]
+        futures = [readers.submit(read, i, ring[slot][i - b0]) for i in range(b0, b1)]
         pending_reads.append((slot, b1, futures))
 
     try:
@@ -101,9 +110,11 @@ def run_host_pass(spec: PassSpec, *, batch_size: int, io_threads: int = 4, prefe
             known = spec.push_region or spec.input_stats is not None
             in_stats = np.full((b1 - b0, 3), np.nan, np.float32) if known else host_stats(x)
             for j, r in enumerate(runs):
-                if not (j == 0 and spec.push_region):
+                if j == 0 and spec.push_region:
+                    out_stats = read_stats[b0:b1]
+                else:
                     x = x[:, r.region[0], r.region[1]]
-                out_stats = host_stats(x)
+                    out_stats = host_stats(x)
                 r.stats[b0:b1, :3] = in_stats
                 r.stats[b0:b1, 3:6] = out_stats
                 in_stats = out_stats
