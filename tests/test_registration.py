@@ -526,3 +526,32 @@ def test_transformation_settings_that_cannot_go_with_the_calculation_are_found_b
     with pytest.raises(ConfigError) as info:
         prepare(load_workflow(params))
     assert info.value.table == "registration_transformation" and info.value.key == key
+
+
+def test_pystack3d_block_matrices_are_applied_at_its_block_centres(tmp_path):
+    """PyStack3D's tmats.npy with several blocks has no blocks.json: with the grid given in the transformation's
+    table (PyStack3D asks for it there too), each block's matrix is applied at PyStack3D's block centres."""
+    rng = np.random.default_rng(2)
+    data = tmp_path / "data"
+    data.mkdir()
+    slices = [np.round(rng.uniform(1000, 5000, (64, 80))).astype(np.uint16) for _ in range(2)]
+    for k, img in enumerate(slices):
+        tifffile.imwrite(data / f"s_{k}.tif", img)
+    shifts = [(2, 1), (-1, 3), (0, -2), (3, 0)]  # (tx, ty) per block, row by row
+    tmats = np.tile(np.eye(3), (2, 4, 1, 1))
+    tmats[1, :, :2, 2] = shifts
+    calc = tmp_path / "process" / "registration_calculation"
+    calc.mkdir(parents=True)
+    np.save(calc / "tmats.npy", tmats)
+    text = ('project_dir = "data"\nprocess_steps = ["registration_transformation"]\noutput_dtype = "float32"\n'
+            '[registration_transformation]\nmode = "edge"\n')
+    with pytest.raises(ConfigError, match="nb_blocks = \\[rows, columns\\]"):
+        _run(tmp_path, text)
+    _run(tmp_path, text + "nb_blocks = [2, 2]\n")
+    out = tifffile.imread(tmp_path / "process" / "registration_transformation" / "s_1.tif")
+    for k, ((tx, ty), (yc, xc)) in enumerate(zip(shifts, [(16, 20), (16, 60), (48, 20), (48, 60)])):
+        assert abs(out[yc, xc] - slices[1][yc + ty, xc + tx]) < 0.01, k  # where the matrix says it comes from
+    pystack3d = pytest.importorskip("pystack3d.registration_transformation")
+    ref = pystack3d.img_transformation(slices[1].astype(float), tmats[1], nb_blocks=(2, 2), mode="edge")
+    for yc, xc in [(16, 20), (16, 60), (48, 20), (48, 60)]:  # PyStack3D's own warp agrees at its centres
+        assert abs(out[yc, xc] - ref[yc, xc]) < 0.01

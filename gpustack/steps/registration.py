@@ -521,9 +521,11 @@ class RegistrationTransformation(Step):
         wanted = self.config.nb_blocks
         if wanted is not None and wanted[0] * wanted[1] != blocks:
             raise ParamError("nb_blocks", f"{list(wanted)} does not match the calculation's {blocks} block(s)")
-        if blocks > 1 and "centres_y" not in upstream:
-            raise ParamError("nb_blocks", f"the saved tmats.npy has {blocks} blocks but no outputs/blocks.json (was "
-                                          "it written by PyStack3D?): run registration_calculation with gpustack")
+        pystack3d_blocks = blocks > 1 and "centres_y" not in upstream  # PyStack3D's tmats.npy: no blocks.json
+        if pystack3d_blocks and wanted is None:
+            raise ParamError("nb_blocks", f"the saved tmats.npy has {blocks} blocks and no outputs/blocks.json (as "
+                                          "PyStack3D writes it): give their grid here, nb_blocks = [rows, columns], "
+                                          "as in the registration_calculation that made it")
         if blocks > 1 and self.config.cropping:
             raise ParamError("cropping", "cropping to the common area is not available with several blocks")
         cumulative = np.empty_like(tmats)
@@ -555,7 +557,9 @@ class RegistrationTransformation(Step):
         axis_aligned = bool(np.all(np.abs(linear[:, 0, 1]) < 1e-12) and np.all(np.abs(linear[:, 1, 0]) < 1e-12))
         state = {"cumulative": cumulative[:, 0], "pairwise": pairwise, "translation": translation,
                  "axis_aligned": axis_aligned}
-        if blocks > 1:
+        if pystack3d_blocks:  # its matrices, applied as PyStack3D applies them: at its block centres (`apply`)
+            state.update(blocks=cumulative, grid=tuple(wanted), centres_y=None, centres_x=None)
+        elif blocks > 1:
             state.update(blocks=cumulative, grid=tuple(upstream["grid"]), centres_y=upstream["centres_y"],
                          centres_x=upstream["centres_x"])
         return state
@@ -577,6 +581,10 @@ class RegistrationTransformation(Step):
                 grid = state["_device_blocks"] = torch.from_numpy(state["blocks"]).to(batch.data.device)
             p, q = state["grid"]
             grid = grid[batch.start:batch.start + batch.data.shape[0]].reshape(-1, p, q, 3, 3)
+            if state["centres_y"] is None:  # PyStack3D's centres: (i + 1/2) block sizes of the whole slice
+                height, width = batch.data.shape[1:]
+                state["centres_y"] = [(height // p) * (i + 0.5) for i in range(p)]
+                state["centres_x"] = [(width // q) * (j + 0.5) for j in range(q)]
             centres = [torch.tensor(state[k], dtype=torch.float64, device=batch.data.device)
                        for k in ("centres_y", "centres_x")]
             return warp_blocks(batch.data, grid, *centres, mode=self.config.mode, order=self.config.order)
