@@ -32,7 +32,7 @@ def _stack(n=9, h=60, w=80, seed=4):
     return np.round(data).astype(np.uint16)
 
 
-def _run(tmp_path, monkeypatch, name, table=BKG_2D, ahead=True, **imwrite):
+def _run(tmp_path, monkeypatch, name, table=BKG_2D, ahead=True, band_bytes=None, **imwrite):
     folder = tmp_path / name
     folder.mkdir()
     for k, img in enumerate(_stack()):
@@ -48,6 +48,8 @@ def _run(tmp_path, monkeypatch, name, table=BKG_2D, ahead=True, **imwrite):
     monkeypatch.setattr(prefit, "prefit", spy)
     if not ahead:
         monkeypatch.setattr(prefit, "sampled_run", lambda spec: None)
+    if band_bytes:
+        monkeypatch.setattr(prefit, "BAND_BYTES", band_bytes)
     run(prepare(load_workflow(params)), device_choice=resolve_device("cpu"), show_progress=False, log=lambda m: None)
     step = folder / "process" / "bkg_removal"
     out = np.stack([tifffile.imread(p) for p in sorted(step.glob("*.tif"))])
@@ -69,6 +71,15 @@ def test_fits_ahead_correct_as_fits_inside_the_pass(tmp_path, monkeypatch):
     rest = np.ones(ahead.shape[1:], bool)
     rest[20 - 7:26 - 7, 30 - 7:40 - 7] = False  # area's origin is bottom-left: rows 60 - 53 = 7 on are kept
     assert np.ptp(ahead[:, rest], axis=1).max() < 45
+
+
+@pytest.mark.parametrize("rows", [1, 4, 8])  # rows of 80 uint16 per read: 1 or 2 sampled rows (every 3rd), or 3
+def test_fits_ahead_read_in_bands_give_the_same(tmp_path, monkeypatch, rows):
+    whole, coefs, _ = _run(tmp_path, monkeypatch, "whole")
+    banded, coefs_banded, calls = _run(tmp_path, monkeypatch, "banded", band_bytes=rows * 80 * 2)
+    assert calls == [True]
+    np.testing.assert_array_equal(banded, whole)
+    np.testing.assert_array_equal(coefs_banded["coefs"], coefs["coefs"])
 
 
 def test_big_endian_files_fit_ahead_the_same(tmp_path, monkeypatch):

@@ -70,15 +70,17 @@ def test_private_tags_are_written_back_as_they_were(tmp_path):
         assert (51023, 1, len(FIBICS_XML), FIBICS_XML, True) in info.private_tags
 
 
-def _handmade(order: str, ifd_last: bool) -> bytes:
+def _handmade(order: str, ifd_last: bool, extra: tuple = (), photometric: int = 1, compression: int = 1,
+              strips: int = 1) -> bytes:
     """A TIFF as other writers lay it out: data first and the IFD at the end, SHORT strip offsets, a 3-byte
     ASCII private tag inline, entries in the given byte order."""
     import struct
 
     data = np.arange(6 * 5, dtype=np.uint16).reshape(6, 5).astype(order + "u2").tobytes()
     magic = b"II*\0" if order == "<" else b"MM\0*"
-    entries = [(256, 3, 1, 5), (257, 3, 1, 6), (258, 3, 1, 16), (259, 3, 1, 1), (262, 3, 1, 1),
-               (273, 3, 1, None), (277, 3, 1, 1), (278, 3, 1, 6), (279, 4, 1, len(data)), (50000, 2, 3, b"ab\0")]
+    entries = [(256, 3, 1, 5), (257, 3, 1, 6), (258, 3, 1, 16), (259, 3, 1, compression), (262, 3, 1, photometric),
+               (273, 3, 1, None), (277, 3, 1, 1), (278, 3, 1, 6 // strips), (279, 4, 1, len(data)),
+               (50000, 2, 3, b"ab\0"), *extra]
     data_at = 8 if ifd_last else 8 + 2 + 12 * len(entries) + 4
     ifd_at = 8 + len(data) if ifd_last else 8
     ifd = struct.pack(order + "H", len(entries))
@@ -148,3 +150,26 @@ def test_ind_range_reads_only_the_headers_it_keeps(tmp_path):
     assert [s.name for s in source.slices] == ["s2.tif", "s3.tif", "s4.tif"]
     with pytest.raises(tiff.InputError, match="no slice left"):
         tiff.open_channel(tmp_path, ".", ind_min=7)
+
+
+def test_ascii_tags_come_back_as_tifffile_gives_them(tmp_path):
+    """tifffile strips an ASCII value (an XML ending in CRLF) and pads it again with NULs: the same bytes here."""
+    xml = b'<?xml version="1.0"?>\r\n<Fibics><ZPos>1.0</ZPos></Fibics>\r\n\0'
+    path = _plain(tmp_path, "crlf.tif", np.zeros((4, 4), np.uint16),
+                  extratags=[(51023, "s", len(xml), xml, True), (40010, "s", 0, "  padded  ", True)])
+    assert _fast(path) is not None
+    info, _ = tiff.inspect_file(path)
+    assert info == _tifffile_info(path)
+    tags = {t[0]: t[3] for t in info.private_tags}
+    assert tags[51023] == xml[:-3] + b"\0\0\0" and tags[40010] == b"padded\0\0\0\0\0"
+
+
+@pytest.mark.parametrize("case", ["colour photometric", "repeated tag", "strips missing", "old JPEG"])
+def test_layouts_tifffile_reads_its_own_way_are_left_to_it(tmp_path, case):
+    kwargs = {"colour photometric": {"photometric": 2},  # tifffile: shape (6, 5, 1), refused
+              "repeated tag": {"extra": ((256, 3, 1, 2),)},  # tifffile keeps the first
+              "strips missing": {"strips": 2},  # RowsPerStrip 3 says 2 strips, the file has 1
+              "old JPEG": {"compression": 6}}[case]
+    path = tmp_path / "odd.tif"
+    path.write_bytes(_handmade("<", True, **kwargs))
+    assert _fast(path) is None

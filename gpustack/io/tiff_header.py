@@ -3,7 +3,8 @@
 tifffile decodes every tag of a page in Python: about 1 ms per file on a 2-core machine, most of a cropping
 run's fixed cost at a few hundred slices. Slices from an acquisition are plain (one page, one sample, strips), so
 this reads what the header check needs straight from the IFD, and gives up (None) on anything else (BigTIFF,
-several pages, tiles, several samples, STK, LSM, odd tag types, a damaged IFD), which then goes to tifffile.
+several pages, tiles, several samples, colour, JPEG, STK, LSM, odd or repeated tags, a damaged IFD), which then
+goes to tifffile.
 Its result must equal what tifffile reports for the same file (tests/test_tiff_header.py).
 """
 
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 import numpy as np
+import tifffile
 
 # bytes per value of each TIFF field type (BYTE, ASCII, SHORT, LONG, RATIONAL, SBYTE, UNDEFINED, SSHORT, SLONG,
 # SRATIONAL, FLOAT, DOUBLE, IFD, LONG8, SLONG8, IFD8)
@@ -22,7 +24,11 @@ UNSIGNED = {1: "B", 3: "H", 4: "I"}  # the types of the structural tags read her
 DTYPES = {(8, 1): np.dtype("uint8"), (16, 1): np.dtype("uint16"), (32, 3): np.dtype("float32")}
 # tags after which tifffile shapes or reads the page differently: tiles, SubIFDs, extra samples, image depth,
 # MetaMorph STK (UIC1-4), Zeiss LSM
-GIVE_UP_TAGS = frozenset({322, 323, 324, 325, 330, 338, 32997, 32998, 33628, 33629, 33630, 33631, 34412})
+GIVE_UP_TAGS = frozenset({322, 323, 324, 325, 330, 338, 32997, 32998, 33628, 33629, 33630, 33631, 34412}
+                         | set(tifffile.TIFF.TAG_READERS))  # and tags tifffile reads its own way (CZ_SEM...)
+# lossless codecs whose pages tifffile shapes (length, width) like uncompressed ones (not JPEG's, nor JPEG 2000's)
+PLAIN_CODECS = frozenset({1, 5, 8, 32773, 32946, 34925, 50000})
+PLAIN_PHOTOMETRIC = frozenset({0, 1, 3})  # min-is-white, min-is-black, palette: one sample, shape (length, width)
 PRIVATE_TAG_MIN = 32768
 MAX_TAGS = 4096
 
@@ -58,11 +64,13 @@ def read_plain_page(fh: BinaryIO, size: int) -> PlainPage | None:
         return None
     values: dict[int, tuple[int, ...]] = {}
     private = []
+    seen = set()
     for k in range(n):
         code, kind, count = struct.unpack(order + "HHI", body[12 * k:12 * k + 8])
         field = body[12 * k + 8:12 * k + 12]
-        if kind not in TYPE_SIZES or code in GIVE_UP_TAGS:
+        if kind not in TYPE_SIZES or code in GIVE_UP_TAGS or code in seen:  # tifffile keeps a repeated tag's first
             return None
+        seen.add(code)
         nbytes = count * TYPE_SIZES[kind]
         if nbytes > 4:
             (where,) = struct.unpack(order + "I", field)
@@ -73,10 +81,32 @@ def read_plain_page(fh: BinaryIO, size: int) -> PlainPage | None:
         else:
             data = field[:nbytes]
         if code > PRIVATE_TAG_MIN:
+            if kind == 2:
+                data = _ascii_as_tifffile(data, count)
+                if data is None:
+                    return None
             private.append((code, kind, count, data, True))
         elif kind in UNSIGNED and count:
             values[code] = struct.unpack(f"{order}{count}{UNSIGNED[kind]}", data)
     return _page(values, order, tuple(private))
+
+
+def _ascii_as_tifffile(raw: bytes, count: int) -> bytes | None:
+    """An ASCII tag's value as tifffile's `TiffTag.astuple()` gives it: tifffile decodes the text (UTF-8, else
+    cp1252), strips it and encodes it back to `count` bytes, NUL-padded; text that is not 7-bit ASCII it gives
+    as read. None where tifffile would keep undecodable bytes (rare: its own fallback, not reproduced here)."""
+    text = raw.rstrip(b"\0")
+    try:
+        decoded = text.decode("utf-8")
+    except UnicodeDecodeError:
+        try:
+            decoded = text.decode("cp1252")
+        except UnicodeDecodeError:
+            return None
+    try:
+        return struct.pack(f"{count}s", decoded.strip().encode("ascii"))
+    except UnicodeEncodeError:
+        return raw
 
 
 def _page(values: dict[int, tuple[int, ...]], order: str, private: tuple) -> PlainPage | None:
@@ -89,14 +119,18 @@ def _page(values: dict[int, tuple[int, ...]], order: str, private: tuple) -> Pla
     width, length = one(256), one(257)
     spp, bits, fmt = one(277, 1), one(258, 1), one(339, 1)
     offsets, counts = values.get(273), values.get(279)
+    photometric = one(262, 1)
     if (None in (width, length, spp, bits, fmt) or spp != 1 or offsets is None or counts is None
-            or len(offsets) != len(counts) or one(262) == 6):  # 6: YCbCr, subsampled
+            or len(offsets) != len(counts) or photometric not in PLAIN_PHOTOMETRIC):
         return None
     dtype = DTYPES.get((bits, fmt))
     if dtype is None or not width or not length:
         return None
     compression, predictor, fillorder = one(259, 1), one(317, 1), one(266, 1)
-    if None in (compression, predictor, fillorder):
+    if None in (compression, predictor, fillorder) or compression not in PLAIN_CODECS:
+        return None
+    rows_per_strip = min(one(278, length) or length, length)
+    if len(offsets) != -(-length // rows_per_strip):  # tifffile trims extra strips and rejects missing ones
         return None
     nbytes = width * length * dtype.itemsize
     contiguous = compression == 1 and (len(offsets) == 1 or (

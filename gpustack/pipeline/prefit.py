@@ -23,6 +23,7 @@ from gpustack.io.tiff import SliceInfo
 from gpustack.pipeline.spec import PassSpec, StepRun
 
 PREFIT_BATCH = 64
+BAND_BYTES = 8 << 20  # per reader thread: rows read at once
 
 
 def sampled_run(spec: PassSpec) -> tuple[StepRun, slice, slice, tuple[int, int]] | None:
@@ -49,19 +50,22 @@ def sampled_run(spec: PassSpec) -> tuple[StepRun, slice, slice, tuple[int, int]]
 
 
 def _read_samples(info: SliceInfo, out: np.ndarray, rows: range, cols: slice, sx: int, band: np.ndarray) -> None:
-    """One slice's grid: the rows from the first sampled one to the last in one read (into `band`, this
-    thread's buffer), then every sy-th row and sx-th column of the region. One read per sampled row instead
-    cost five times as much here, in Python calls."""
+    """One slice's grid: runs of consecutive rows, as many as `band` (this thread's buffer) holds, each in one
+    read, then every sy-th row and sx-th column of the region. One read per sampled row instead cost five times
+    as much here, in Python calls; a band bounds the memory whatever the slice size."""
     row_bytes = info.shape[1] * info.dtype.itemsize
-    view = band[: rows[-1] - rows[0] + 1]
+    per_read = max(1, (band.shape[0] - 1) // rows.step + 1)  # sampled rows a band spans
     try:
         with open(info.path, "rb", buffering=0) as fh:
-            fh.seek(info.offset + rows[0] * row_bytes)
-            if fh.readinto(memoryview(view).cast("B")) != view.nbytes:
-                raise InputError(f"{info.path}: the file is truncated (it changed since it was inspected)")
+            for k in range(0, len(rows), per_read):
+                chunk = rows[k:k + per_read]
+                view = band[: chunk[-1] - chunk[0] + 1]
+                fh.seek(info.offset + chunk[0] * row_bytes)
+                if fh.readinto(memoryview(view).cast("B")) != view.nbytes:
+                    raise InputError(f"{info.path}: the file is truncated (it changed since it was inspected)")
+                out[k:k + len(chunk)] = view[:: rows.step, cols.start:cols.stop:sx]
     except OSError as exc:
         raise InputError(f"{info.path}: cannot read the slice ({exc.strerror or exc})") from None
-    out[...] = view[:: rows.step, cols.start:cols.stop:sx]
     if info.byteswap:
         out.byteswap(inplace=True)
 
@@ -85,7 +89,8 @@ def prefit(spec: PassSpec, device: torch.device, *, io_threads: int = 4,
 
     def read(k: int) -> None:
         if not hasattr(bands, "buffer"):
-            bands.buffer = np.empty((row_index[-1] - row_index[0] + 1, source.shape[1]), source.dtype)
+            fit_rows = max(1, BAND_BYTES // (source.shape[1] * source.dtype.itemsize))
+            bands.buffer = np.empty((min(fit_rows, row_index[-1] - row_index[0] + 1), source.shape[1]), source.dtype)
         _read_samples(source.slices[k], buffer[k - b0], row_index, cols, sx, bands.buffer)
 
     with ThreadPoolExecutor(io_threads, thread_name_prefix="gpustack-samples") as pool:
