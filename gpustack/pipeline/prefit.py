@@ -42,8 +42,6 @@ def sampled_run(spec: PassSpec) -> tuple[StepRun, slice, slice, tuple[int, int]]
         cols = slice(cols.start + sub_cols.start, cols.start + sub_cols.stop)
     else:
         return None
-    if isinstance(r.state, dict) and "prefit" in r.state:
-        return None  # done for this channel already
     if any(info.offset is None for info in spec.source.slices):
         return None
     return r, rows, cols, grid
