@@ -88,6 +88,55 @@ def test_a_crop_on_the_host_writes_what_the_device_pass_writes(tmp_path, case):
     assert manifest["runs"][-1]["device"] == "host (no device needed)"
 
 
+INTENSITY = {
+    "uint16, linear (defaults), batches of 3": ("uint16", "batch_size = 3\n", ""),
+    "uint8, histogram mapping, two channels": ("uint8", 'channels = ["SE2", "ESB"]\n',
+                                              'mapping = "histogram"\nreference = "mean"\n'),
+}
+
+
+@pytest.mark.parametrize("case", list(INTENSITY))
+def test_intensity_statistics_counted_on_the_host_equal_the_device_pass(tmp_path, monkeypatch, case):
+    """A crop followed by intensity_rescaling on the CPU: the crop's pass counts grey levels in the readers
+    (host pass) instead of streaming through torch. Same slices, byte for byte, and same statistics."""
+    from gpustack.pipeline import host_pass
+    from gpustack.pipeline.spec import PassSpec
+
+    dtype, head, table = INTENSITY[case]
+    channels = ["SE2", "ESB"] if "channels" in head else ["."]
+    for k, channel in enumerate(channels):
+        data = write_stack(tmp_path / "host" / channel, n=8, dtype=dtype, seed=k)
+        if dtype == "uint8":  # a narrower range in some slices: real maps, not identities
+            for i in (2, 5):
+                tifffile.imwrite(tmp_path / "host" / channel / f"slice_{i:04d}.tif", data[i] // 3 + 40)
+    shutil.copytree(tmp_path / "host", tmp_path / "device")
+    text = (head + 'process_steps = ["cropping", "intensity_rescaling"]\n[cropping]\narea = [5, 35, 2, 27]\n'
+            "[intensity_rescaling]\nnbins = 64\n" + table)
+    for side in ("host", "device"):
+        write_params(tmp_path / side, text)
+    counted = []
+    original = host_pass.level_counts
+    monkeypatch.setattr(host_pass, "level_counts", lambda x: counted.append(x.shape) or original(x))
+    _run(tmp_path / "host" / "params.toml", resolve_device("cpu"))
+    assert len(counted) == 8 * len(channels) and set(counted) == {(25, 30)}
+    monkeypatch.setattr(PassSpec, "counts_levels", property(lambda self: False))
+    _run(tmp_path / "device" / "params.toml", resolve_device("cpu"))
+    assert len(counted) == 8 * len(channels)
+
+    out_host, out_device = tmp_path / "host" / "process", tmp_path / "device" / "process"
+    files = sorted(p.relative_to(out_host) for p in out_host.rglob("*.tif"))
+    assert len(files) == 2 * 8 * len(channels)
+    assert files == sorted(p.relative_to(out_device) for p in out_device.rglob("*.tif"))
+    for rel in files:
+        assert (out_host / rel).read_bytes() == (out_device / rel).read_bytes(), rel
+    changed = [rel for rel in files if rel.parts[0] == "intensity_rescaling"
+               and not np.array_equal(tifffile.imread(out_host / rel),
+                                      tifffile.imread(out_host / "cropping" / Path(*rel.parts[1:])))]
+    assert changed  # the rescaling did something
+    for rel in sorted(p.relative_to(out_host) for p in out_host.rglob("stats.npy")):
+        np.testing.assert_allclose(np.load(out_host / rel), np.load(out_device / rel), rtol=1e-6, equal_nan=True)
+
+
 def test_a_workflow_that_computes_is_not_run_on_the_host(tmp_path):
     write_stack(tmp_path)
     params = write_params(tmp_path, 'process_steps = ["cropping", "intensity_rescaling_area"]\n'

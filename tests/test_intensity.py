@@ -19,7 +19,14 @@ from gpustack.cli import main as cli_main
 from gpustack.config import load_workflow
 from gpustack.device import resolve_device
 from gpustack.errors import ConfigError
-from gpustack.kernels.histogram import apply_maps, interp, running_mean, running_median, slice_cdfs
+from gpustack.kernels.histogram import (
+    apply_maps,
+    interp,
+    level_counts,
+    running_mean,
+    running_median,
+    slice_cdfs,
+)
 from gpustack.metrics import psnr, ssim
 from gpustack.pipeline.runner import prepare, run
 from gpustack.synthetic import SyntheticSpec, generate, parse_name
@@ -179,6 +186,31 @@ def test_slice_cdfs_of_constant_and_infinite_slices(device):
     assert to_np(out["count"]).tolist() == [1021, 1024, 1024]
     assert to_np(out["lo"])[0] == 109 and to_np(out["hi"])[0] == 100 + 3 * 1023
     assert to_np(out["cdf"])[0, -1] == 1.0 and (to_np(out["cdf"])[1:, 1:] == 1).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.uint16, torch.int16])
+def test_slice_cdfs_of_integers_equal_those_of_their_float32_values(device, dtype):
+    """The integer path (one bincount of the levels, then the levels into the fine bins) gives exactly the float
+    path's result: same range, counts and CDFs, to the bit; so does a constant slice and one at the dtype's ends."""
+    info = torch.iinfo(dtype)
+    rng = np.random.default_rng(11)
+    x = rng.integers(info.min, info.max, (4, 37, 53), endpoint=True)
+    x[1] = info.min + 7  # constant
+    x[2] = rng.integers(info.min, info.min + 50, (37, 53))  # a narrow range at the bottom
+    x[3, :3] = info.max
+    ints = torch.tensor(x, device=device).to(dtype)
+    got, want = slice_cdfs(ints), slice_cdfs(ints.to(torch.float32))
+    for key in want:
+        assert got[key].dtype == want[key].dtype and torch.equal(got[key], want[key]), key
+    counts = level_counts(ints[:, 5:30, 2:40])  # a view, as a crop hands it over
+    for k in range(4):
+        expected = np.bincount(x[k, 5:30, 2:40].ravel() - info.min, minlength=info.max - info.min + 1)
+        np.testing.assert_array_equal(to_np(counts[k]), expected)
+
+
+def test_level_counts_refuse_wider_integers():
+    with pytest.raises(TypeError, match="at most 16 bits"):
+        level_counts(torch.zeros(1, 2, 2, dtype=torch.int32))
 
 
 def test_slice_cdfs_match_numpy_histogram_with_nan(device):

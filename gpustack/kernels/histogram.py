@@ -16,6 +16,8 @@ FINE_BINS = 4096
 def slice_cdfs(x: torch.Tensor, bins: int = FINE_BINS) -> dict[str, torch.Tensor]:
     """Per slice of x (b, H, W): lo, hi (finite range), count (finite pixels), cdf (b, bins + 1) at the edges
     lo + i (hi - lo) / bins. NaN and infinite pixels are left out; a constant slice has every pixel in bin 0."""
+    if not x.is_floating_point():
+        return _integer_slice_cdfs(x, bins)
     b = x.shape[0]
     lo, hi = x.amin(dim=(1, 2)), x.amax(dim=(1, 2))  # NaN if the slice holds any NaN
     nan_slices = bool((~torch.isfinite(lo) | ~torch.isfinite(hi)).any())  # sync: picks the NaN-aware path
@@ -42,10 +44,56 @@ def slice_cdfs(x: torch.Tensor, bins: int = FINE_BINS) -> dict[str, torch.Tensor
     if finite is not None:
         idx = torch.where(finite, idx, b * (bins + 1))
     hist = torch.bincount(idx.reshape(-1), minlength=b * (bins + 1) + 1)[: b * (bins + 1)].view(b, bins + 1)
+    return _cdfs(hist, lo, hi, count)
+
+
+def _cdfs(hist: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, count: torch.Tensor) -> dict[str, torch.Tensor]:
+    """slice_cdfs' result from counts (b, bins + 1) whose last bin holds the pixels at hi."""
+    bins = hist.shape[1] - 1
     hist = torch.cat([hist[:, : bins - 1], hist[:, bins - 1:].sum(dim=1, keepdim=True)], dim=1)
     cum = torch.cumsum(hist.to(torch.float64), dim=1) / count.clamp_min(1)[:, None]
     cdf = torch.cat([torch.zeros_like(cum[:, :1]), cum], dim=1)
     return {"lo": lo, "hi": hi, "count": count, "cdf": cdf}
+
+
+def _integer_slice_cdfs(x: torch.Tensor, bins: int) -> dict[str, torch.Tensor]:
+    """slice_cdfs of integer slices (8 or 16 bits), exactly as of their float32 values: one bincount over the raw
+    values, then the few distinct levels are put into the fine bins (`cdfs_from_level_counts`). Three passes over
+    the pixels (conversion, offset, bincount) instead of eight, and no float32 copy of the batch."""
+    return cdfs_from_level_counts(level_counts(x), int(torch.iinfo(x.dtype).min), bins)
+
+
+def level_counts(x: torch.Tensor) -> torch.Tensor:
+    """(b, H, W) integers of at most 16 bits -> (b, levels) int64: each slice's pixels at each value of the
+    dtype, from its minimum (column 0) to its maximum."""
+    info = torch.iinfo(x.dtype)
+    levels = info.max - info.min + 1
+    if levels > 1 << 16:
+        raise TypeError(f"level counts take integers of at most 16 bits, not {x.dtype}")
+    b = x.shape[0]
+    offsets = torch.arange(b, dtype=torch.int32, device=x.device) * levels - info.min
+    idx = x.to(torch.int32).add_(offsets[:, None, None])
+    return torch.bincount(idx.view(-1), minlength=b * levels).view(b, levels)
+
+
+def cdfs_from_level_counts(counts: torch.Tensor, lowest: int, bins: int = FINE_BINS) -> dict[str, torch.Tensor]:
+    """slice_cdfs from each slice's pixel counts (b, levels) at the values lowest, lowest + 1, ...: every level
+    goes to the fine bin the float path gives its float32 value, by the same arithmetic."""
+    b, levels = counts.shape
+    present = counts > 0
+    level = torch.arange(levels, dtype=torch.int32, device=counts.device)
+    first = torch.where(present, level, levels - 1).amin(dim=1)  # (argmax is several times slower on the CPU)
+    last = torch.where(present, level, 0).amax(dim=1)
+    values = torch.arange(lowest, lowest + levels, dtype=torch.float32, device=counts.device)
+    lo, hi = values[first], values[last]
+    count = counts.sum(dim=1)
+    s = bins / (hi - lo)
+    s = torch.where(torch.isfinite(s), s, 0.0)[:, None]
+    # levels below lo get a negative bin and hold no pixel: any bin will do
+    t = torch.addcmul((-lo)[:, None] * s, values, s)
+    bin_of = t.to(torch.int32).clamp_(0, bins).to(torch.int64)
+    hist = torch.zeros(b, bins + 1, dtype=torch.int64, device=counts.device).scatter_add_(1, bin_of, counts)
+    return _cdfs(hist, lo, hi, count)
 
 
 def interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor, side: str = "left") -> torch.Tensor:

@@ -406,7 +406,7 @@ def _run(prepared: Prepared, *, device_choice: Any, overwrite: bool = False, sho
     if on_host and not selects_only(prepared):
         raise ValueError("a run without a device (host_choice) takes only steps that select pixels (cropping)")
     if on_host:
-        from gpustack.pipeline.host_pass import host_batch_size, run_host_pass
+        from gpustack.pipeline.host_pass import host_batch_size
     else:
         from gpustack.device import batch_size_for
         from gpustack.pipeline.stream import TORCH_DTYPES, release_buffers, run_pass
@@ -590,9 +590,13 @@ def _run(prepared: Prepared, *, device_choice: Any, overwrite: bool = False, sho
                                               log=log) as advance:
                                 prefit(spec, device, io_threads=min(8, (wf.nproc or 2) * 2), on_progress=advance)
                     with progress_bar(label, len(source), enabled=show_progress, log=log) as advance:
-                        if on_host:
+                        # a crop whose output is only counted (intensity statistics): on the CPU, the readers
+                        # count as they read, and no slice goes through torch (RESULTS.md, intensity)
+                        if on_host or (device.type == "cpu" and spec.counts_levels):
+                            from gpustack.pipeline.host_pass import run_host_pass
+
                             run_host_pass(spec, batch_size=batch, io_threads=min(8, (wf.nproc or 2) * 2),
-                                          on_progress=advance)
+                                          on_progress=advance, fit_device=device)
                         else:
                             run_pass(spec, device=device, batch_size=batch,
                                      io_threads=min(8, (wf.nproc or 2) * 2), on_progress=advance)

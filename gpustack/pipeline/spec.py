@@ -46,3 +46,10 @@ class PassSpec:
         """Every step only keeps a region and nothing is fitted: the pass is a copy, no arithmetic."""
         return self.fit is None and all(r.region is not None for r in self.runs)
 
+    @property
+    def counts_levels(self) -> bool:
+        """Every step only keeps a region, and the fit on what they keep needs only the level counts of integer
+        slices (`Step.fits_level_counts`): a copy, and a bincount per slice."""
+        return (self.fit is not None and self.fit.fits_level_counts and all(r.region is not None for r in self.runs)
+                and self.source.dtype.kind in "ui" and self.source.dtype.itemsize <= 2)
+

@@ -191,7 +191,8 @@ def run_pass(spec: PassSpec, *, device: torch.device, batch_size: int, io_thread
                     else:
                         x = written[1]
                 if not x.is_floating_point():
-                    x = x.to(torch.float32)
+                    if not spec.fit.fits_level_counts:
+                        x = x.to(torch.float32)
                 elif x.untyped_storage().data_ptr() in (ring[slot].untyped_storage().data_ptr(),
                                                         _storage(converted)):
                     x = x.clone()  # a fit may keep (a view of) its batch; reused buffers will be refilled

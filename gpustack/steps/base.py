@@ -103,6 +103,17 @@ class Step:
     def fit_reduce(self, partials: list[Any]) -> Any:
         return partials
 
+    @property
+    def fits_level_counts(self) -> bool:
+        """Whether the fit needs only each slice's count of every grey level (a histogram of integers): then
+        `fit_batch` takes integer batches as they are, and a pass that only crops may count on the host."""
+        return type(self).fit_level_counts is not Step.fit_level_counts
+
+    def fit_level_counts(self, counts: torch.Tensor, lowest: int) -> Any:
+        """`fit_batch`'s partial result for integer slices, from their level counts (b, levels) int64 on the
+        device: column k counts the pixels of value lowest + k."""
+        raise NotImplementedError
+
     def sample_grid(self) -> tuple[int, int] | None:
         """(row, column) steps of the only input pixels `apply`'s per-slice fit uses (pixels [::sy, ::sx]), or None.
         With a grid, the runner may read those pixels ahead and call `fit_samples` on many slices at once."""

@@ -87,7 +87,12 @@ class IntensityRescaling(Step):
     def fit_batch(self, batch: Batch) -> dict[str, torch.Tensor]:
         from gpustack.kernels.histogram import slice_cdfs
 
-        return slice_cdfs(batch.data[batch.core])
+        return slice_cdfs(batch.data[batch.core])  # integer batches: from their level counts
+
+    def fit_level_counts(self, counts: torch.Tensor, lowest: int) -> dict[str, torch.Tensor]:
+        from gpustack.kernels.histogram import cdfs_from_level_counts
+
+        return cdfs_from_level_counts(counts, lowest)
 
     def fit_reduce(self, partials: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
         import torch
