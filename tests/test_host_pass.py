@@ -137,6 +137,34 @@ def test_intensity_statistics_counted_on_the_host_equal_the_device_pass(tmp_path
         np.testing.assert_allclose(np.load(out_host / rel), np.load(out_device / rel), rtol=1e-6, equal_nan=True)
 
 
+@pytest.mark.parametrize("mapping", ["histogram", "linear"])
+def test_intensity_maps_integer_slices_as_their_float32_values(tmp_path, monkeypatch, mapping):
+    """intensity_rescaling takes the uint16 slices it reads as they are (a table per slice, or a float copy for
+    the linear map): what it writes is what the same step gives the slices converted to float32 first."""
+    from gpustack.steps.intensity import IntensityRescaling
+
+    for side in ("ints", "floats"):
+        data = write_stack(tmp_path / side, n=5, shape=(270, 250))  # more pixels than uint16 has levels
+        tifffile.imwrite(tmp_path / side / "slice_0002.tif", data[2] // 3 + 500)
+        write_params(tmp_path / side, 'process_steps = ["intensity_rescaling"]\n'
+                     f'[intensity_rescaling]\nnbins = 64\nmapping = "{mapping}"\nreference = "mean"\n')
+    seen = []
+    original = IntensityRescaling.apply
+    monkeypatch.setattr(IntensityRescaling, "apply",
+                        lambda self, batch, state: seen.append(batch.data.dtype) or original(self, batch, state))
+    _run(tmp_path / "ints" / "params.toml", resolve_device("cpu"))
+    assert seen and set(seen) == {torch.uint16}
+    monkeypatch.setattr(IntensityRescaling, "takes_integers", False)
+    _run(tmp_path / "floats" / "params.toml", resolve_device("cpu"))
+    assert set(seen) == {torch.uint16, torch.float32}
+    for i in range(5):
+        name = f"intensity_rescaling/slice_{i:04d}.tif"
+        assert (tmp_path / "ints" / "process" / name).read_bytes() == (tmp_path / "floats" / "process" /
+                                                                        name).read_bytes()
+    out = tifffile.imread(tmp_path / "ints" / "process" / "intensity_rescaling" / "slice_0002.tif")
+    assert out.std() > 1.5 * (data[2] // 3 + 500).std()  # the narrow slice was stretched
+
+
 def test_a_workflow_that_computes_is_not_run_on_the_host(tmp_path):
     write_stack(tmp_path)
     params = write_params(tmp_path, 'process_steps = ["cropping", "intensity_rescaling_area"]\n'

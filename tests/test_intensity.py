@@ -21,6 +21,7 @@ from gpustack.device import resolve_device
 from gpustack.errors import ConfigError
 from gpustack.kernels.histogram import (
     apply_maps,
+    apply_maps_to_integers,
     interp,
     level_counts,
     running_mean,
@@ -249,6 +250,27 @@ def test_apply_maps_interpolates_each_slice_table_as_numpy(device):
         np.testing.assert_allclose(out[k][finite], expected, rtol=1e-5, atol=1e-3)
         assert np.isnan(out[k][~finite]).all()
         assert out[k].flat[np.nanargmax(x[k])] == pytest.approx(lut[k, -1])
+
+
+@pytest.mark.parametrize("dtype, shape", [(torch.uint8, (3, 20, 30)),  # more pixels than levels: a table
+                                          (torch.uint16, (3, 270, 250)),  # 67,500 > 65,536 levels: a table
+                                          (torch.uint16, (3, 20, 30))])  # fewer: mapped as float32
+def test_apply_maps_to_integers_equal_apply_maps_of_their_float32_values(device, dtype, shape):
+    """Mapping each grey level once and looking pixels up gives, to the bit, what every pixel's own mapping
+    gives; inactive slices come back as their float32 values."""
+    info = torch.iinfo(dtype)
+    rng = np.random.default_rng(12)
+    values = rng.integers(info.min, info.max, shape, endpoint=True)
+    values[1] = values[1] // 4 + 9  # its own, narrower range
+    x = torch.tensor(values, device=device).to(dtype)
+    xf = x.to(torch.float32)
+    lo, hi = xf.amin(dim=(1, 2)), xf.amax(dim=(1, 2))
+    lut = torch.tensor(np.cumsum(rng.uniform(0, 300, size=(3, 257)), axis=1), dtype=torch.float32, device=device)
+    active = torch.tensor([True, True, False], device=device)
+    got = apply_maps_to_integers(x, lo, hi, lut, active)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, apply_maps(xf, lo, hi, lut, active))
+    assert torch.equal(got[2], xf[2]) and not torch.equal(got[0], xf[0])
 
 
 # ---------------------------------------------------------------------------------------------------- 2. intensity_rescaling

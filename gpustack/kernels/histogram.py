@@ -186,3 +186,23 @@ def apply_maps(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, lut: torch.T
     # x == x is False only for NaN: one comparison where isfinite takes four passes on the CPU (±inf pixels
     # are mapped to the ends of the table)
     return torch.where(active[:, None, None] & (x == x), y, x)  # noqa: PLR0124
+
+
+def apply_maps_to_integers(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, lut: torch.Tensor,
+                           active: torch.Tensor) -> torch.Tensor:
+    """`apply_maps` of integer slices (8 or 16 bits), float32 out, exactly as of their float32 values.
+
+    Slices with more pixels than the dtype has levels: every level is mapped once (`apply_maps` on the levels'
+    float32 values, so each result is the one the pixel would get), then each pixel is one lookup in its slice's
+    table: three passes over the pixels (conversion, offset, lookup) instead of a dozen.
+    """
+    info = torch.iinfo(x.dtype)
+    levels = info.max - info.min + 1
+    b = x.shape[0]
+    if levels > 1 << 16 or x[0].numel() <= levels:  # wider integers or small slices: the table costs more
+        return apply_maps(x.to(torch.float32), lo, hi, lut, active)
+    values = torch.arange(info.min, info.max + 1, dtype=torch.float32, device=x.device)
+    table = apply_maps(values.expand(b, 1, levels), lo, hi, lut, active)
+    offsets = torch.arange(b, dtype=torch.int32, device=x.device) * levels - info.min
+    idx = x.to(torch.int32).add_(offsets[:, None, None])
+    return table.reshape(-1).index_select(0, idx.view(-1)).view(x.shape)

@@ -118,7 +118,8 @@ def run_pass(spec: PassSpec, *, device: torch.device, batch_size: int, io_thread
     scratch = _buffer("scratch", (window, *band), torch.float32, pin=False, device=device)
     # integer input that the first step computes on: converted once, into a reused buffer, for the statistics
     # of the input and for the step alike
-    converts_first = bool(runs) and runs[0].region is None and not spec.push_region
+    converts_first = (bool(runs) and runs[0].region is None and not spec.push_region
+                      and not runs[0].step.takes_integers)
     converted = (_buffer("converted", (window, *band), torch.float32, pin=False, device=device)
                  if converts_first and not torch_in.is_floating_point else None)
 
@@ -157,7 +158,7 @@ def run_pass(spec: PassSpec, *, device: torch.device, batch_size: int, io_thread
             for j, r in enumerate(runs):
                 if r.region is not None and not (j == 0 and spec.push_region):
                     x = x[:, r.region[0], r.region[1]]
-                elif r.region is None and not x.is_floating_point():
+                elif r.region is None and not x.is_floating_point() and not r.step.takes_integers:
                     x = x.to(torch.float32)
                 x, records = r.step.apply_recorded(Batch(x, w0, core, names, n), r.state)
                 if records:

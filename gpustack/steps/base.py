@@ -70,6 +70,7 @@ class Step:
     version: ClassVar[int] = 1  # bump when the same parameters give different output (invalidates resumes)
     halo: ClassVar[tuple[int, int]] = (0, 0)
     fit_halo: ClassVar[tuple[int, int]] = (0, 0)  # context `fit_batch` needs (registration: the previous slice)
+    takes_integers: ClassVar[bool] = False  # `apply` takes integer batches as they are (else as float32)
     fit_on_first_channel: ClassVar[bool] = False  # fit on channels[0], apply that state to every channel
     work_buffers: ClassVar[int] = 2  # float32 slice-sized buffers per slice at peak, for the batch-size budget
     writes_slices: ClassVar[bool] = True  # False for steps that only compute a state (registration_calculation)

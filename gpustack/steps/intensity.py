@@ -89,6 +89,8 @@ class IntensityRescaling(Step):
 
         return slice_cdfs(batch.data[batch.core])  # integer batches: from their level counts
 
+    takes_integers = True  # integer slices are mapped through one table per slice (apply_maps_to_integers)
+
     def fit_level_counts(self, counts: torch.Tensor, lowest: int) -> dict[str, torch.Tensor]:
         from gpustack.kernels.histogram import cdfs_from_level_counts
 
@@ -178,14 +180,16 @@ class IntensityRescaling(Step):
     def apply(self, batch: Batch, state: dict[str, Any]) -> torch.Tensor:
         import torch
 
-        from gpustack.kernels.histogram import apply_maps
+        from gpustack.kernels.histogram import apply_maps, apply_maps_to_integers
 
         rows = slice(batch.start, batch.start + batch.data.shape[0])
+        x = batch.data
         if "gain" in state:  # a line: no table lookup needed
             # one fused pass (multiply and add would each allocate and fill a batch)
-            return torch.addcmul(state["offset"][rows, None, None], batch.data, state["gain"][rows, None, None])
-        return apply_maps(batch.data, state["lo"][rows], state["hi"][rows], state["lut"][rows],
-                          state["active"][rows])
+            return torch.addcmul(state["offset"][rows, None, None], x if x.is_floating_point() else x.float(),
+                                 state["gain"][rows, None, None])
+        maps = apply_maps if x.is_floating_point() else apply_maps_to_integers
+        return maps(x, state["lo"][rows], state["hi"][rows], state["lut"][rows], state["active"][rows])
 
     def write_report(self, report: Report) -> None:
         from gpustack.report.intensity import write_rescaling_report
