@@ -92,6 +92,7 @@ INTENSITY = {
     "uint16, linear (defaults), batches of 3": ("uint16", "batch_size = 3\n", ""),
     "uint8, histogram mapping, two channels": ("uint8", 'channels = ["SE2", "ESB"]\n',
                                               'mapping = "histogram"\nreference = "mean"\n'),
+    "uint16, no crop: a pass that only counts": ("uint16", "", ""),
 }
 
 
@@ -110,28 +111,30 @@ def test_intensity_statistics_counted_on_the_host_equal_the_device_pass(tmp_path
             for i in (2, 5):
                 tifffile.imwrite(tmp_path / "host" / channel / f"slice_{i:04d}.tif", data[i] // 3 + 40)
     shutil.copytree(tmp_path / "host", tmp_path / "device")
-    text = (head + 'process_steps = ["cropping", "intensity_rescaling"]\n[cropping]\narea = [5, 35, 2, 27]\n'
-            "[intensity_rescaling]\nnbins = 64\n" + table)
+    crop = "no crop" not in case
+    text = (head + (f'process_steps = {["cropping", "intensity_rescaling"] if crop else ["intensity_rescaling"]}\n'
+                    .replace("'", '"'))
+            + ("[cropping]\narea = [5, 35, 2, 27]\n" if crop else "") + "[intensity_rescaling]\nnbins = 64\n" + table)
     for side in ("host", "device"):
         write_params(tmp_path / side, text)
     counted = []
     original = host_pass.level_counts
     monkeypatch.setattr(host_pass, "level_counts", lambda x: counted.append(x.shape) or original(x))
     _run(tmp_path / "host" / "params.toml", resolve_device("cpu"))
-    assert len(counted) == 8 * len(channels) and set(counted) == {(25, 30)}
+    assert len(counted) == 8 * len(channels) and set(counted) == {(25, 30) if crop else (30, 40)}
     monkeypatch.setattr(PassSpec, "counts_levels", property(lambda self: False))
     _run(tmp_path / "device" / "params.toml", resolve_device("cpu"))
     assert len(counted) == 8 * len(channels)
 
     out_host, out_device = tmp_path / "host" / "process", tmp_path / "device" / "process"
     files = sorted(p.relative_to(out_host) for p in out_host.rglob("*.tif"))
-    assert len(files) == 2 * 8 * len(channels)
+    assert len(files) == (2 if crop else 1) * 8 * len(channels)
     assert files == sorted(p.relative_to(out_device) for p in out_device.rglob("*.tif"))
     for rel in files:
         assert (out_host / rel).read_bytes() == (out_device / rel).read_bytes(), rel
+    before = (out_host / "cropping") if crop else tmp_path / "host"
     changed = [rel for rel in files if rel.parts[0] == "intensity_rescaling"
-               and not np.array_equal(tifffile.imread(out_host / rel),
-                                      tifffile.imread(out_host / "cropping" / Path(*rel.parts[1:])))]
+               and not np.array_equal(tifffile.imread(out_host / rel), tifffile.imread(before / Path(*rel.parts[1:])))]
     assert changed  # the rescaling did something
     for rel in sorted(p.relative_to(out_host) for p in out_host.rglob("stats.npy")):
         np.testing.assert_allclose(np.load(out_host / rel), np.load(out_device / rel), rtol=1e-6, equal_nan=True)

@@ -27,6 +27,7 @@ import tifffile
 
 from gpustack.errors import InputError
 from gpustack.io.tiff_header import read_plain_page
+from gpustack.io.tiff_writer import write_plain_tiff
 
 SUPPORTED_DTYPES = (np.dtype("uint8"), np.dtype("uint16"), np.dtype("float32"))
 PRIVATE_TAG_MIN = 32768  # PyStack3D copies tags above this (e.g. Fibics XML 51023) and the compression
@@ -302,8 +303,10 @@ def write_slice(path: Path, data: np.ndarray, info: SliceInfo) -> None:
     compression = None if info.compression == 1 else info.compression
     try:
         with open(path, "wb") as fh:  # an open handle spares tifffile's path resolution, per slice
-            tifffile.imwrite(fh, data, compression=compression, extratags=info.private_tags,
-                             photometric="minisblack", metadata=None)
+            # plain slices: the same bytes as tifffile's, without its per-tag Python (tiff_writer)
+            if compression is not None or not write_plain_tiff(fh, data, info.private_tags):
+                tifffile.imwrite(fh, data, compression=compression, extratags=info.private_tags,
+                                 photometric="minisblack", metadata=None)
     except KeyError as exc:
         raise InputError(f"{path}: cannot write with the input's compression: {exc.args[0] if exc.args else exc}; "
                          "install it with `pip install imagecodecs`") from None
