@@ -2,9 +2,9 @@
 
 Such a pass does no arithmetic: slices are read (only the kept rows of the first region), cut, measured and
 written as they are. Neither torch nor a device is needed, and not importing torch saves more than a second of
-every cropping-only run (measured on this project's 2-core machine: `import torch` 1.2-1.6 s; a whole crop of
-200 slices x 2 channels of 2048² now 1.3-1.5 s, 3.0-3.6 s before; RESULTS.md). The files are the same, byte for
-byte, as the device pass's.
+every cropping-only run (measured on this project's 2-core machines: `import torch` 1.2-1.8 s; a whole crop of
+200 slices x 2 channels of 2048² takes about 1 s; RESULTS.md). The files are the same, byte for byte, as the
+device pass's.
 
 On a CPU device, a pass of such steps whose fit needs only grey-level counts (intensity_rescaling's statistics)
 runs here too: the counts are taken beside the copy, and only they go through torch.
@@ -66,7 +66,7 @@ def host_stats(x: np.ndarray) -> np.ndarray:
 def level_counts(x: np.ndarray) -> np.ndarray:
     """(H, W) integers of at most 16 bits -> (levels,) int64 pixel counts of each value, from the dtype's minimum
     (`kernels.histogram.level_counts` of one slice). torch's bincount is single-threaded and 1.8x faster than
-    NumPy's (which converts to int64 first): called from reader threads, it does not oversubscribe the cores."""
+    NumPy's (which converts to int64 first), and called from the pass's threads it does not oversubscribe the cores."""
     import torch
 
     info = np.iinfo(x.dtype)
@@ -84,7 +84,7 @@ def run_host_pass(spec: PassSpec, *, batch_size: int, io_threads: int = 4, on_pr
     measure, cut, write, while it is in the cache; the main thread only collects statistics in order. There is
     no arithmetic to batch, and handing slices from readers to a main thread to writers cost more than the
     work (200 x 2 slices of 2048² cropped to 1024², warm, on 2 cores: a pass of 0.65-1.0 s with 4 readers and 4
-    writers against 0.4-0.5 s as tasks).
+    writers against 0.45-0.6 s as tasks, in 5 runs each).
 
     With a fit that needs only level counts (`spec.counts_levels`), each task also counts the grey levels of
     what the steps keep, and the fit's partial results are computed from the counts of `batch_size` slices at
