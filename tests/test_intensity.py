@@ -209,6 +209,25 @@ def test_slice_cdfs_of_integers_equal_those_of_their_float32_values(device, dtyp
         np.testing.assert_array_equal(to_np(counts[k]), expected)
 
 
+def test_slice_cdfs_of_a_narrow_range_far_from_zero(device):
+    """Values 63403..63410: lo / (hi - lo) is large, and float32 rounding puts lo's bin index at -1.8. It is bin
+    0 (it once crashed the bincount, or went to the previous slice's last bin); floats and integers agree."""
+    rng = np.random.default_rng(13)
+    x = rng.integers(63403, 63410, (3, 20, 30), endpoint=True)
+    x[0, 0, 0], x[0, 0, 1] = 63403, 63410
+    floats = slice_cdfs(torch.tensor(x, dtype=torch.float32, device=device), bins=4096)
+    ints = slice_cdfs(torch.tensor(x, device=device).to(torch.uint16), bins=4096)
+    for key in floats:
+        assert torch.equal(floats[key], ints[key]), key
+    cdf = to_np(floats["cdf"])
+    assert (cdf[:, -1] == 1.0).all() and (np.diff(cdf, axis=1) >= 0).all()
+    for k in range(3):  # halfway between two levels (~290 bins from each), the CDF counts the levels below
+        v = x[k].ravel()
+        for level in np.unique(v)[1:]:
+            i = round(4096 * (level - 0.5 - v.min()) / (v.max() - v.min()))
+            assert cdf[k, i] == pytest.approx((v < level).mean(), abs=1e-12)
+
+
 def test_level_counts_refuse_wider_integers():
     with pytest.raises(TypeError, match="at most 16 bits"):
         level_counts(torch.zeros(1, 2, 2, dtype=torch.int32))

@@ -51,7 +51,7 @@ def test_a_cropped_view_is_written_as_its_pixels():
 
 
 @pytest.mark.parametrize("case", ["float64", "big-endian", "3-D", "empty", "str value", "wrong length",
-                                  "unknown type", "repeated code"])
+                                  "unknown type", "repeated code", "text without NUL", "rational", "LONG8"])
 def test_what_it_leaves_to_tifffile(case):
     data = np.zeros((4, 5), np.uint16)
     tags: tuple = ()
@@ -69,6 +69,12 @@ def test_what_it_leaves_to_tifffile(case):
         tags = ((51023, 2, 5, b"abc\x00", True),)
     elif case == "unknown type":
         tags = ((51023, 99, 4, b"abc\x00", True),)
+    elif case == "text without NUL":  # tifffile adds it and counts it
+        tags = ((51023, 2, 3, b"xyz", True),)
+    elif case == "rational":  # tifffile writes count 2 for one rational
+        tags = ((51023, 5, 1, b"\x03\x00\x00\x00\x04\x00\x00\x00", True),)
+    elif case == "LONG8":  # a BigTIFF type: not for a classic file
+        tags = ((51023, 16, 1, bytes(8), True),)
     else:
         tags = ((51023, 2, 4, b"abc\x00", True), (51023, 2, 4, b"xyz\x00", True))
     out = io.BytesIO()
@@ -96,3 +102,22 @@ def test_write_slice_keeps_the_input_tags_and_compression(tmp_path, compression)
         assert page.tags[51023].value == "<FibicsImage><ZPos>0.0400</ZPos></FibicsImage>"
     if compression is None:
         assert (tmp_path / "out.tif").read_bytes() == tifffile_bytes(data[3:50], info.private_tags)
+
+
+@pytest.mark.parametrize("byteorder", ["<", ">"])
+def test_numeric_private_tags_of_either_byte_order_are_written_back_as_read(tmp_path, byteorder):
+    """A big-endian input's numbers are swapped to this machine's order before they are written (its raw bytes
+    once came out as 1792 for a SHORT 7); text is as it was. Text without its NUL and a rational go to
+    tifffile, which gives them the same values."""
+    data = np.arange(12 * 10, dtype=np.uint16).reshape(12, 10)
+    tags = [(40000, 3, 2, (7, 300), True), (40001, 12, 1, 1.5, True), (40002, 5, 1, (3, 4), True),
+            (51023, "s", 0, "<Fibics>um</Fibics>", True)]
+    tifffile.imwrite(tmp_path / "in.tif", data, byteorder=byteorder, extratags=tags)
+    info, _ = inspect_file(tmp_path / "in.tif")
+    write_slice(tmp_path / "out.tif", data, info)
+    with tifffile.TiffFile(tmp_path / "in.tif") as src, tifffile.TiffFile(tmp_path / "out.tif") as out:
+        assert out.byteorder == "<"
+        np.testing.assert_array_equal(out.pages[0].asarray(), data)
+        for code in (40000, 40001, 51023):
+            assert out.pages[0].tags[code].value == src.pages[0].tags[code].value, code
+        assert out.pages[0].tags[40000].value == (7, 300) and out.pages[0].tags[40001].value == 1.5

@@ -26,7 +26,7 @@ import numpy as np
 import tifffile
 
 from gpustack.errors import InputError
-from gpustack.io.tiff_header import read_plain_page
+from gpustack.io.tiff_header import native_value, read_plain_page
 from gpustack.io.tiff_writer import write_plain_tiff
 
 SUPPORTED_DTYPES = (np.dtype("uint8"), np.dtype("uint16"), np.dtype("float32"))
@@ -122,8 +122,12 @@ def _slice_info(where: str, path: Path, index: int, name: str, size: int, mtime_
         raise InputError(f"{where}: the file is truncated (its image data ends at byte {max(ends, default=0)}, "
                          f"the file has {size} bytes)")
     offset = int(offsets[0]) if final and compression == 1 else None
-    byteswap = byteorder != ("<" if sys.byteorder == "little" else ">") and dtype.itemsize > 1
-    return SliceInfo(path, index, name, offset, byteswap, compression, private_tags, size, mtime_ns, shape, dtype)
+    swapped = byteorder != ("<" if sys.byteorder == "little" else ">")
+    if swapped:  # written back in this machine's order, as tifffile writes: the numbers must be too
+        private_tags = tuple((code, kind, count, native_value(kind, value), once)
+                             for code, kind, count, value, once in private_tags)
+    return SliceInfo(path, index, name, offset, swapped and dtype.itemsize > 1, compression, private_tags, size,
+                     mtime_ns, shape, dtype)
 
 
 TIFF_MAGICS = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")

@@ -91,6 +91,19 @@ def read_plain_page(fh: BinaryIO, size: int) -> PlainPage | None:
     return _page(values, order, tuple(private))
 
 
+# the unit whose bytes a value of each numeric field type holds in the file's byte order (a RATIONAL is two LONGs)
+SWAP_UNITS = {3: 2, 4: 4, 5: 4, 8: 2, 9: 4, 10: 4, 11: 4, 12: 8, 13: 4, 16: 8, 17: 8, 18: 8}
+
+
+def native_value(kind: int, raw: bytes) -> bytes:
+    """A tag value's raw bytes from a file of the other byte order, in this machine's: numbers swapped unit by
+    unit, text and bytes as they are (tifffile's `astuple()` gives them in the file's order)."""
+    unit = SWAP_UNITS.get(kind)
+    if unit is None or not isinstance(raw, bytes) or len(raw) % unit:
+        return raw
+    return np.frombuffer(raw, f"u{unit}").byteswap().tobytes()
+
+
 def _ascii_as_tifffile(raw: bytes, count: int) -> bytes | None:
     """An ASCII tag's value as tifffile's `TiffTag.astuple()` gives it: tifffile decodes the text (UTF-8, else
     cp1252), strips it and encodes it back to `count` bytes, NUL-padded; text that is not 7-bit ASCII it gives

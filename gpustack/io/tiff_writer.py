@@ -5,7 +5,7 @@ machine, paid for every slice of every step. A step's output is plain (one page,
 compression), so this packs the header directly, byte for byte what `tifffile.imwrite(fh, data,
 photometric="minisblack", metadata=None, extratags=private_tags)` writes (tests/test_tiff_writer.py), and gives up
 (False) on anything else (compression, byte-swapped data, another dtype, more than 2 GiB, a private tag whose
-value is not raw bytes of its type), which then goes to tifffile.
+value is not raw bytes of its type, text without its final NUL, a rational), which then goes to tifffile.
 """
 
 from __future__ import annotations
@@ -25,6 +25,9 @@ SOFTWARE = b"tifffile.py\x00"  # as tifffile writes it, so that both writers giv
 DATA_ALIGN = 16  # tifffile starts the pixel data on a multiple of 16 bytes
 MAX_BYTES = 1 << 31  # far from the 4 GiB a classic TIFF's offsets can reach
 SHORT, LONG, RATIONAL, ASCII = 3, 4, 5, 2
+# private tag types written as tifffile writes them: not (S)RATIONAL (tifffile doubles their count), nor IFD or
+# the BigTIFF types, which a classic file cannot hold as they are
+PLAIN_TYPES = frozenset({1, 2, 3, 4, 6, 7, 8, 9, 11, 12})
 
 
 def plain_tiff_header(shape: tuple[int, int], dtype: np.dtype, private_tags: tuple) -> bytes | None:
@@ -50,8 +53,9 @@ def plain_tiff_header(shape: tuple[int, int], dtype: np.dtype, private_tags: tup
         tags.append((339, SHORT, 1, struct.pack("<H", sample_format)))
     for tag in private_tags:
         code, kind, count, value = tag[:4]
-        if (not isinstance(value, bytes) or kind not in TYPE_SIZES or count < 1
-                or len(value) != count * TYPE_SIZES[kind] or any(code == t[0] for t in tags)):
+        if (not isinstance(value, bytes) or kind not in PLAIN_TYPES or count < 1
+                or len(value) != count * TYPE_SIZES[kind] or any(code == t[0] for t in tags)
+                or (kind == ASCII and not value.endswith(b"\0"))):  # tifffile adds the NUL (and counts it)
             return None
         tags.append((code, kind, count, value))
     tags.sort(key=lambda t: t[0])  # stable: the order tifffile writes them in

@@ -31,14 +31,14 @@ def slice_cdfs(x: torch.Tensor, bins: int = FINE_BINS) -> dict[str, torch.Tensor
         count = torch.full((b,), x.shape[1] * x.shape[2], dtype=torch.int64, device=x.device)
     # One bincount over every slice at once, bin index + slice * (bins + 1): bin `bins` holds the pixels at hi
     # (and float32 rounding just past it) and is folded into the last bin; non-finite pixels go to a last, dropped
-    # bin. The index costs one fused multiply-add and one conversion: (x - lo) * s >= 0 up to rounding, and
-    # the conversion truncates a rounding -0.0001 to bin 0.
+    # bin. The index costs one fused multiply-add and one conversion: (x - lo) * s >= 0 only up to rounding, by
+    # more than a bin where lo is large against hi - lo (-1.8 for values 63403..63410), hence the clamp at 0.
     s = bins / (hi - lo)
     s = torch.where(torch.isfinite(s), s, 0.0)[:, None, None]  # constant slices: inf * 0 would be NaN
     t = torch.addcmul((-lo)[:, None, None] * s, x, s)
     if finite is not None:
         t.nan_to_num_(0.0, 0.0, 0.0)  # non-finite pixels, dropped below
-    idx = t.to(torch.int32).clamp_(max=bins).add_((torch.arange(b, dtype=torch.int32, device=x.device)
+    idx = t.to(torch.int32).clamp_(0, bins).add_((torch.arange(b, dtype=torch.int32, device=x.device)
                                                    * (bins + 1))[:, None, None])
     del t
     if finite is not None:
@@ -73,7 +73,7 @@ def level_counts(x: torch.Tensor) -> torch.Tensor:
     b = x.shape[0]
     offsets = torch.arange(b, dtype=torch.int32, device=x.device) * levels - info.min
     idx = x.to(torch.int32).add_(offsets[:, None, None])
-    return torch.bincount(idx.view(-1), minlength=b * levels).view(b, levels)
+    return torch.bincount(idx.reshape(-1), minlength=b * levels).view(b, levels)
 
 
 def cdfs_from_level_counts(counts: torch.Tensor, lowest: int, bins: int = FINE_BINS) -> dict[str, torch.Tensor]:
@@ -205,4 +205,4 @@ def apply_maps_to_integers(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, 
     table = apply_maps(values.expand(b, 1, levels), lo, hi, lut, active)
     offsets = torch.arange(b, dtype=torch.int32, device=x.device) * levels - info.min
     idx = x.to(torch.int32).add_(offsets[:, None, None])
-    return table.reshape(-1).index_select(0, idx.view(-1)).view(x.shape)
+    return table.reshape(-1).index_select(0, idx.reshape(-1)).view(x.shape)

@@ -27,7 +27,8 @@ HOST_MAX_BATCH = 16
 
 
 def host_batch_size(slice_bytes: int, *, budget: int | None = None, requested: int | None = None) -> int:
-    """Slices per batch for a host pass: what the user asked for, else what the budget holds, at most 16."""
+    """Slices per batch of a host pass's fit (a pass of slices copies them one by one): what the user asked for,
+    else what the budget holds, at most 16."""
     if requested:
         return requested
     if budget is None:

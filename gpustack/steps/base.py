@@ -107,7 +107,8 @@ class Step:
     @property
     def fits_level_counts(self) -> bool:
         """Whether the fit needs only each slice's count of every grey level (a histogram of integers): then
-        `fit_batch` takes integer batches as they are, and a pass that only crops may count on the host."""
+        `fit_batch` takes integer batches as they are (views of the pass's reused buffers: it must not keep
+        them), and a pass that only crops may count on the host."""
         return type(self).fit_level_counts is not Step.fit_level_counts
 
     def fit_level_counts(self, counts: torch.Tensor, lowest: int) -> Any:
