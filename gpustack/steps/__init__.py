@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, MutableMapping
 
 from gpustack.steps.base import Batch, Step
 
@@ -35,20 +35,32 @@ STEP_CLASSES = {
 }
 
 
-class _Registry(Mapping):
-    """The step classes by name, each imported on first access."""
+class _Registry(MutableMapping):
+    """The step classes by name, each imported on first access (and replaceable, as a dict: tests do)."""
+
+    def __init__(self, where: dict[str, str]):
+        self._entries: dict[str, str | type[Step]] = dict(where)  # "module:class" until imported
 
     def __getitem__(self, name: str) -> type[Step]:
-        module, cls = STEP_CLASSES[name].split(":")
-        return getattr(importlib.import_module(f"gpustack.steps.{module}"), cls)
+        entry = self._entries[name]
+        if isinstance(entry, str):
+            module, cls = entry.split(":")
+            entry = self._entries[name] = getattr(importlib.import_module(f"gpustack.steps.{module}"), cls)
+        return entry
+
+    def __setitem__(self, name: str, cls: type[Step]) -> None:
+        self._entries[name] = cls
+
+    def __delitem__(self, name: str) -> None:
+        del self._entries[name]
 
     def __iter__(self) -> Iterator[str]:
-        return iter(STEP_CLASSES)
+        return iter(self._entries)
 
     def __len__(self) -> int:
-        return len(STEP_CLASSES)
+        return len(self._entries)
 
 
-REGISTRY: Mapping[str, type[Step]] = _Registry()
+REGISTRY: MutableMapping[str, type[Step]] = _Registry(STEP_CLASSES)
 
 __all__ = ["PYSTACK3D_STEPS", "REGISTRY", "Batch", "Step"]
