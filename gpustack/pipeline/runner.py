@@ -590,8 +590,8 @@ def _run(prepared: Prepared, *, device_choice: Any, overwrite: bool = False, sho
                                               log=log) as advance:
                                 prefit(spec, device, io_threads=min(8, (wf.nproc or 2) * 2), on_progress=advance)
                     with progress_bar(label, len(source), enabled=show_progress, log=log) as advance:
-                        # a crop whose output is only counted (intensity statistics): on the CPU, the readers
-                        # count as they read, and no slice goes through torch (RESULTS.md, intensity)
+                        # a crop whose output is only counted (intensity statistics): on the CPU, each slice is
+                        # counted as it is copied, and no slice goes through torch (RESULTS.md, intensity)
                         if on_host or (device.type == "cpu" and spec.counts_levels):
                             from gpustack.pipeline.host_pass import run_host_pass
 

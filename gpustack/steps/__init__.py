@@ -21,7 +21,7 @@ PYSTACK3D_STEPS = (
 )
 
 # step name -> "module:class"; a module is imported when its step is first used (a cropping-only run does not
-# import registration's or destriping's modules: 30 ms of its start-up)
+# import registration's or destriping's modules: about 25 ms of its start-up)
 STEP_CLASSES = {
     "cropping": "cropping:Cropping",
     "bkg_removal": "background:BkgRemoval",

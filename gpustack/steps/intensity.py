@@ -83,13 +83,12 @@ class IntensityRescaling(Step):
     Config = IntensityRescalingConfig
     version = 2  # 2: nearly constant slices are left as they are; statistics of the slices as written
     work_buffers = 7  # input, index (int64), two gathered tables, output
+    takes_integers = True  # integer slices are mapped through one table per slice (apply_maps_to_integers)
 
     def fit_batch(self, batch: Batch) -> dict[str, torch.Tensor]:
         from gpustack.kernels.histogram import slice_cdfs
 
         return slice_cdfs(batch.data[batch.core])  # integer batches: from their level counts
-
-    takes_integers = True  # integer slices are mapped through one table per slice (apply_maps_to_integers)
 
     def fit_level_counts(self, counts: torch.Tensor, lowest: int) -> dict[str, torch.Tensor]:
         from gpustack.kernels.histogram import cdfs_from_level_counts
