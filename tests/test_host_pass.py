@@ -98,8 +98,8 @@ INTENSITY = {
 
 @pytest.mark.parametrize("case", list(INTENSITY))
 def test_intensity_statistics_counted_on_the_host_equal_the_device_pass(tmp_path, monkeypatch, case):
-    """A crop followed by intensity_rescaling on the CPU: the crop's pass counts grey levels in the readers
-    (host pass) instead of streaming through torch. Same slices, byte for byte, and same statistics."""
+    """A crop followed by intensity_rescaling on the CPU: the crop's pass counts grey levels as it copies (host
+    pass) instead of streaming through torch. Same slices, byte for byte, and same statistics."""
     from gpustack.pipeline import host_pass
     from gpustack.pipeline.spec import PassSpec
 
@@ -112,9 +112,9 @@ def test_intensity_statistics_counted_on_the_host_equal_the_device_pass(tmp_path
                 tifffile.imwrite(tmp_path / "host" / channel / f"slice_{i:04d}.tif", data[i] // 3 + 40)
     shutil.copytree(tmp_path / "host", tmp_path / "device")
     crop = "no crop" not in case
-    text = (head + (f'process_steps = {["cropping", "intensity_rescaling"] if crop else ["intensity_rescaling"]}\n'
-                    .replace("'", '"'))
-            + ("[cropping]\narea = [5, 35, 2, 27]\n" if crop else "") + "[intensity_rescaling]\nnbins = 64\n" + table)
+    steps = '["cropping", "intensity_rescaling"]' if crop else '["intensity_rescaling"]'
+    text = (f"{head}process_steps = {steps}\n" + ("[cropping]\narea = [5, 35, 2, 27]\n" if crop else "")
+            + "[intensity_rescaling]\nnbins = 64\n" + table)
     for side in ("host", "device"):
         write_params(tmp_path / side, text)
     counted = []
