@@ -203,3 +203,16 @@ def test_host_mean_of_full_scale_uint16_does_not_overflow(rows):
     got = host_stats(x)
     np.testing.assert_array_equal(got[:, :2], [[65535, 65535], [0, 65535]])
     np.testing.assert_allclose(got[:, 2], [65535, 65535 - 65535 / (rows * 3)], rtol=1e-7)
+
+
+def test_torch_version_is_read_without_importing_torch(monkeypatch):
+    """From torch's version.py, found without running the package; where it cannot be found that way, from the
+    installed package's metadata. Either way torch's own __version__."""
+    import importlib.util
+
+    from gpustack.pipeline import manifest
+
+    monkeypatch.delitem(sys.modules, "torch")  # as in a crop-only run (put back after the test)
+    assert manifest._torch_version() == torch.__version__
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert manifest._torch_version() == torch.__version__

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -28,9 +29,21 @@ def fingerprint(*parts: Any) -> str:
 
 
 def _torch_version() -> str:
-    """torch's version without importing it (a run that only crops never loads torch)."""
+    """torch's version without importing it (a run that only crops never loads torch): from its `version.py`,
+    found without running the package (importlib.metadata took 30 ms of a crop run's 0.25 s)."""
     if "torch" in sys.modules:
         return sys.modules["torch"].__version__
+    import importlib.util
+
+    spec = importlib.util.find_spec("torch")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        try:
+            found = re.search(r"^__version__\s*=\s*['\"]([^'\"]+)['\"]", (Path(folder) / "version.py").read_text(),
+                              re.MULTILINE)
+        except OSError:
+            found = None
+        if found:
+            return found.group(1)
     from importlib.metadata import PackageNotFoundError, version
 
     try:
