@@ -4,8 +4,9 @@ tifffile builds every tag of a page in Python: a 1024² uint16 slice took 0.89 m
 0.71 ms with this (a 2-core machine, 5 alternating rounds of 100 new files), for every slice of every step. A
 step's output is plain (one page, one sample, one strip, no compression), so this packs the header directly,
 byte for byte what `tifffile.imwrite(fh, data, photometric="minisblack", metadata=None, extratags=private_tags)`
-writes (tests/test_tiff_writer.py), and gives up (False) on anything else (compression, byte-swapped data, another dtype, more than 2 GiB, a private tag whose
-value is not raw bytes of its type, text without its final NUL, a rational), which then goes to tifffile.
+writes (tests/test_tiff_writer.py), and gives up (False) on anything else (compression, byte-swapped data,
+another dtype, more than 2 GiB, a private tag whose value is not raw bytes of its type, text without its final
+NUL, a rational), which then goes to tifffile.
 """
 
 from __future__ import annotations
