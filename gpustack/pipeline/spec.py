@@ -42,14 +42,18 @@ class PassSpec:
     input_stats: np.ndarray | None = None
 
     @property
+    def regions_only(self) -> bool:
+        """Every step only keeps a region of its input."""
+        return all(r.region is not None for r in self.runs)
+
+    @property
     def selects_only(self) -> bool:
         """Every step only keeps a region and nothing is fitted: the pass is a copy, no arithmetic."""
-        return self.fit is None and all(r.region is not None for r in self.runs)
+        return self.fit is None and self.regions_only
 
     @property
     def counts_levels(self) -> bool:
         """Every step only keeps a region, and the fit on what they keep needs only the level counts of integer
         slices (`Step.fits_level_counts`): a copy, and a bincount per slice."""
-        return (self.fit is not None and self.fit.fits_level_counts and all(r.region is not None for r in self.runs)
+        return (self.fit is not None and self.fit.fits_level_counts and self.regions_only
                 and self.source.dtype.kind in "ui" and self.source.dtype.itemsize <= 2)
-
